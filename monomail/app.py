@@ -1,0 +1,116 @@
+"""The composition root: build monomail from a Config, run it, stop it cleanly.
+
+Job: wire spool → deliverer → queue → SMTP server, own every long-lived task, and
+handle signals. SIGTERM and SIGINT stop accepting connections, let sessions and
+deliveries in flight finish (bounded by ``server.shutdown_grace``), then exit 0.
+Start-up also repairs what a crash may have left: half-made spool entries are dropped
+(they never got a 250) and mbox files a dead writer left half-written are truncated.
+
+Not here: SMTP (``server``), retry logic (``queue``), argument parsing (``cli``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from . import mailstore
+from .config import Config
+from .deliver import Deliverer
+from .queue import Queue
+from .server import SMTPServer
+from .spool import Spool
+
+log = logging.getLogger("monomail")
+
+IO_THREADS = 32  # concurrent mailbox writes: lets fsyncs of many messages overlap
+
+
+def setup_logging(config: Config) -> None:
+    handler: logging.Handler
+    if config.log.file:
+        config.log.file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(config.log.file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log.level.upper())
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+class App:
+    """One running monomail."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="monomail-io")
+        self.spool = Spool(config.server.spool_dir)
+        self.deliverer = Deliverer(config, self.executor)
+        self.queue = Queue(self.spool, self.deliverer.attempt, config.queue)
+        self.server = SMTPServer(config, self.queue)
+        self._runner: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        for warning in self.config.warnings:
+            log.warning("config: %s", warning)
+        self.config.local.mail_dir.mkdir(parents=True, exist_ok=True)
+        for user in self.config.users.values():
+            if user.mailbox_format == "mbox":
+                try:
+                    await asyncio.to_thread(mailstore.recover_mbox, user.path)
+                except (OSError, mailstore.MailboxLocked) as exc:
+                    log.warning("mbox %s: recovery check failed: %s", user.path, exc)
+        pending = await asyncio.to_thread(self.queue.load)
+        if pending:
+            log.info("spool: %d queued message(s) to resume", pending)
+        await self.server.start()
+        self._runner = asyncio.create_task(self.queue.run(), name="queue-runner")
+        log.info("monomail started as %s", self.config.hostname)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        grace = self.config.server.shutdown_grace
+        log.info("shutting down (grace %.0fs)", grace)
+        await self.server.close(grace)
+        if self._runner:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        await self.queue.close(grace)
+        self.executor.shutdown(wait=True)
+        log.info("stopped")
+
+
+async def serve(config: Config) -> int:
+    app = App(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.stop)
+    try:
+        await app.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        await app.shutdown()
+        return 1
+    await app.wait()
+    await app.shutdown()
+    return 0
+
+
+def run(config: Config) -> int:
+    """Run the server until a signal stops it; uvloop when installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))

@@ -1,0 +1,355 @@
+"""monomail.toml, parsed once into a frozen tree.
+
+Job: read the one configuration file with the stdlib ``tomllib``, check every key, and
+return a `Config` of frozen dataclasses that the rest of monomail reads and never
+changes. Every default lives in this module, in the calls that read each key. Relative
+paths are resolved against the config file's folder.
+
+Error handling: an unknown key, a wrong type or a bad value raises `ConfigError` naming
+the dotted key path (``server.max_recipients: expected an integer ≥ 1, got "ten"``);
+``monomail serve`` and ``monomail check-config`` print it on one line and exit 2.
+Problems that do not stop start-up (an alias loop) are returned as `Config.warnings`.
+
+Not here: what the keys mean at run time (``router``, ``server``, ``queue``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ConfigError
+
+MAILBOX_FORMATS = ("maildir", "mbox")
+# A user name becomes a path component under mail_dir, so it is held to a safe alphabet.
+_USER_NAME = re.compile(r"[a-z0-9_][a-z0-9._\-]*\Z")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\Z")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[Listen, ...]
+    spool_dir: Path
+    max_message_size: int
+    max_recipients: int
+    max_connections: int
+    max_received_headers: int
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    timeout: float
+    shutdown_grace: float
+
+
+@dataclass(frozen=True, slots=True)
+class LocalConfig:
+    domains: frozenset[str]
+    primary_domain: str
+    mailbox_format: str
+    mail_dir: Path
+    recipient_delimiter: str
+    lock_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    mailbox_format: str
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    retry: tuple[float, ...]
+    give_up_after: float
+    warn_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str
+    file: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    hostname: str
+    server: ServerConfig
+    local: LocalConfig
+    users: Mapping[str, User]
+    aliases: Mapping[str, tuple[str, ...]]
+    queue: QueueConfig
+    log: LogConfig
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+def parse_duration(value: object, key: str) -> float:
+    """``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``, or a number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration such as \"30s\", got {value!r}")
+    if isinstance(value, int | float) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value.strip())
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ConfigError(key, f"expected a duration such as \"30s\", \"5m\", \"4h\", got {value!r}")
+
+
+class _Table:
+    """One TOML table being read: typed getters that remember which keys were used."""
+
+    def __init__(self, data: object, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, f"expected a table, got {type(data).__name__}")
+        self.data: dict[str, Any] = data
+        self.path = path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, default: Any) -> Any:
+        self.used.add(name)
+        return self.data.get(name, default)
+
+    def str(self, name: str, default: str, choices: tuple[str, ...] = ()) -> str:
+        value = self.get(name, default)
+        if not isinstance(value, str):
+            raise ConfigError(self.key(name), f"expected a string, got {value!r}")
+        if choices and value not in choices:
+            raise ConfigError(self.key(name), f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    def int(self, name: str, default: int, minimum: int = 0) -> int:
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(name), f"expected an integer, got {value!r}")
+        if value < minimum:
+            raise ConfigError(self.key(name), f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    def strs(self, name: str, default: list[str]) -> list[str]:
+        value = self.get(name, default)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(self.key(name), f"expected a list of strings, got {value!r}")
+        return value
+
+    def duration(self, name: str, default: str) -> float:
+        return parse_duration(self.get(name, default), self.key(name))
+
+    def path_(self, name: str, default: str, base: Path) -> Path:
+        return (base / self.str(name, default)).resolve()
+
+    def table(self, name: str) -> _Table:
+        return _Table(self.get(name, {}), self.key(name))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), "unknown key")
+
+
+def _listen(value: str, key: str) -> Listen:
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    if not m:
+        raise ConfigError(key, f"expected \"host:port\" or \"[v6addr]:port\", got {value!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ConfigError(key, f"port out of range in {value!r}")
+    return Listen(host, port)
+
+
+def _network(value: str, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(key, f"expected a network such as \"10.0.0.0/8\", got {value!r}") from None
+
+
+def _domain(value: str, key: str) -> str:
+    d = value.strip().rstrip(".").lower()
+    if not d or not re.fullmatch(r"[a-z0-9_\-.\x80-\U0010ffff]+", d) or ".." in d:
+        raise ConfigError(key, f"expected a domain name, got {value!r}")
+    return d
+
+
+def _server(t: _Table, base: Path) -> ServerConfig:
+    listen = tuple(_listen(v, t.key("listen")) for v in t.strs("listen", ["127.0.0.1:2525"]))
+    if not listen:
+        raise ConfigError(t.key("listen"), "expected at least one address")
+    cfg = ServerConfig(
+        listen=listen,
+        spool_dir=t.path_("spool_dir", "var/spool", base),
+        max_message_size=t.int("max_message_size", 26214400, minimum=1024),
+        max_recipients=t.int("max_recipients", 100, minimum=1),
+        max_connections=t.int("max_connections", 100, minimum=1),
+        max_received_headers=t.int("max_received_headers", 50, minimum=1),
+        trusted_networks=tuple(
+            _network(v, t.key("trusted_networks"))
+            for v in t.strs("trusted_networks", ["127.0.0.0/8", "::1/128"])
+        ),
+        timeout=t.duration("timeout", "5m"),
+        shutdown_grace=t.duration("shutdown_grace", "10s"),
+    )
+    t.finish()
+    return cfg
+
+
+def _local(t: _Table, base: Path) -> LocalConfig:
+    domains = [_domain(d, t.key("domains")) for d in t.strs("domains", ["localhost"])]
+    if not domains:
+        raise ConfigError(t.key("domains"), "expected at least one domain")
+    delimiter = t.str("recipient_delimiter", "+")
+    if any(c.isalnum() or c in "@.\"\\ " for c in delimiter):
+        raise ConfigError(t.key("recipient_delimiter"), f"not usable as a delimiter: {delimiter!r}")
+    cfg = LocalConfig(
+        domains=frozenset(domains),
+        primary_domain=domains[0],
+        mailbox_format=t.str("mailbox_format", "maildir", MAILBOX_FORMATS),
+        mail_dir=t.path_("mail_dir", "var/mail", base),
+        recipient_delimiter=delimiter,
+        lock_timeout=t.duration("lock_timeout", "10s"),
+    )
+    t.finish()
+    return cfg
+
+
+def _users(t: _Table, local: LocalConfig, base: Path) -> dict[str, User]:
+    users: dict[str, User] = {}
+    for raw in list(t.data):
+        name = raw.lower()
+        key = t.key(raw)
+        if not _USER_NAME.match(name) or name in (".", ".."):
+            raise ConfigError(key, "a user name may hold only letters, digits, '.', '_' and '-'")
+        if name in users:
+            raise ConfigError(key, "defined twice (names are case-insensitive)")
+        u = t.table(raw)
+        fmt = u.str("mailbox_format", local.mailbox_format, MAILBOX_FORMATS)
+        path = u.get("path", None)
+        if path is None:
+            resolved = local.mail_dir / name
+        elif isinstance(path, str) and path:
+            resolved = (base / path).resolve()
+        else:
+            raise ConfigError(u.key("path"), f"expected a non-empty string, got {path!r}")
+        u.finish()
+        users[name] = User(name, fmt, resolved)
+    return users
+
+
+def _aliases(t: _Table, users: Mapping[str, User]) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    aliases: dict[str, tuple[str, ...]] = {}
+    for raw in list(t.data):
+        targets = t.strs(raw, [])
+        if not targets:
+            raise ConfigError(t.key(raw), "expected at least one target")
+        aliases[raw.lower()] = tuple(x.strip() for x in targets)
+    for name, targets in aliases.items():
+        for target in targets:
+            if "@" not in target and target.lower() not in users and target.lower() not in aliases:
+                raise ConfigError(t.key(name), f"target {target!r} is neither a user nor an alias")
+    return aliases, [f"aliases.{name}: alias loop" for name in _alias_loops(aliases, users)]
+
+
+def _alias_loops(aliases: Mapping[str, tuple[str, ...]], users: Mapping[str, User]) -> list[str]:
+    """Names whose expansion comes back to itself without reaching a user of that name."""
+    looped = []
+    for start in aliases:
+        stack, seen = [start], set()
+        while stack:
+            name = stack.pop()
+            for target in aliases.get(name, ()):
+                t = target.lower()
+                if "@" in t:
+                    continue
+                if t == start and t not in users:
+                    looped.append(start)
+                    stack.clear()
+                    break
+                if t in aliases and t not in seen and t != name:
+                    seen.add(t)
+                    stack.append(t)
+    return looped
+
+
+def _queue(t: _Table) -> QueueConfig:
+    retry = tuple(parse_duration(v, t.key("retry")) for v in t.get("retry", ["1m", "5m", "15m", "30m", "1h"]))
+    if not retry or min(retry) <= 0:
+        raise ConfigError(t.key("retry"), "expected a non-empty list of positive durations")
+    warn = t.get("warn_after", "4h")
+    cfg = QueueConfig(
+        retry=retry,
+        give_up_after=t.duration("give_up_after", "5d"),
+        warn_after=None if warn in ("", False) else parse_duration(warn, t.key("warn_after")),
+    )
+    t.finish()
+    return cfg
+
+
+def _log(t: _Table, base: Path) -> LogConfig:
+    level = t.str("level", "info", ("debug", "info", "warning", "error"))
+    file = t.str("file", "")
+    t.finish()
+    return LogConfig(level, (base / file).resolve() if file else None)
+
+
+def parse(data: dict[str, Any], path: Path) -> Config:
+    """Build a `Config` from an already-decoded TOML table; ``path`` anchors relative paths."""
+    base = path.parent
+    top = _Table(data, "")
+    hostname = top.str("hostname", socket.gethostname())
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.\-]*", hostname):
+        raise ConfigError("hostname", f"expected a host name, got {hostname!r}")
+    server = _server(top.table("server"), base)
+    local = _local(top.table("local"), base)
+    users = _users(top.table("users"), local, base)
+    aliases, warnings = _aliases(top.table("aliases"), users)
+    queue = _queue(top.table("queue"))
+    log = _log(top.table("log"), base)
+    top.finish()
+    return Config(
+        path=path,
+        hostname=hostname,
+        server=server,
+        local=local,
+        users=MappingProxyType(users),
+        aliases=MappingProxyType(aliases),
+        queue=queue,
+        log=log,
+        warnings=tuple(warnings),
+    )
+
+
+def load(path: str | Path) -> Config:
+    """Read and check ``path``. Raises `ConfigError` (with key ``""`` for file-level errors)."""
+    p = Path(path).resolve()
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("", f"{p}: no such file") from None
+    except OSError as exc:
+        raise ConfigError("", f"{p}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{p}: not valid TOML: {exc}") from None
+    return parse(data, p)

@@ -1,0 +1,40 @@
+"""SMTP-time policy: may this client send this MAIL FROM / RCPT TO?
+
+Job: pure decisions the server asks for during a session, before any data is taken,
+so that unwanted mail is refused at RCPT time (no backscatter). RFC 5321 §3.3, §4.5.3;
+relay control as Postfix's ``reject_unauth_destination``.
+
+- `is_trusted`: is the client address inside ``server.trusted_networks``?
+- `check_recipient`: route the address; refuse unknown users (550 5.1.1), loops (550
+  5.4.6), and any domain not ours unless the client is trusted (554 5.7.1). Source
+  routes are ignored (the final mailbox decides), so ``<@us:x@other>`` is a relay
+  attempt like any other.
+
+No I/O; the caller supplies the client's address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from .config import Config
+from .envelope import Address
+from .errors import RouteError
+from .router import RELAY_DENIED, Destination, is_local_domain, resolve
+
+
+def is_trusted(peer_ip: str, config: Config) -> bool:
+    try:
+        ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in config.server.trusted_networks)
+
+
+def check_recipient(address: Address, config: Config, *, trusted: bool) -> tuple[Destination, ...]:
+    """The destinations for an accepted recipient, or `RouteError` with the refusal."""
+    if not is_local_domain(address.domain, config) and not trusted:
+        raise RouteError(RELAY_DENIED, f"relay to {address} from untrusted client")
+    return resolve(address, config)
