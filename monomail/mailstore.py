@@ -143,7 +143,7 @@ def _locked_mbox(path: Path, timeout: float) -> Iterator[int]:
         dotlock = path.with_name(path.name + ".lock")
         delay = 0.005
         while True:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

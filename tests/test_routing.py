@@ -1,0 +1,134 @@
+"""Pure routing, address parsing and message checks: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import base_config
+from monomail import config as config_mod
+from monomail.envelope import Address, parse_path
+from monomail.errors import AddressError, ReplyError, RouteError
+from monomail.message import canonicalize, count_received
+from monomail.policy import check_recipient, is_trusted
+from monomail.router import Mailbox, Remote, resolve
+
+
+@pytest.fixture
+def cfg():
+    return config_mod.parse(base_config(aliases={
+        "postmaster": ["alice"], "team": ["alice", "bob"], "all": ["team", "carol"],
+        "ext": ["alice", "someone@remote.test"], "alice": ["alice", "copy@remote.test"],
+        "l1": ["l2"], "l2": ["l1"],
+    }), Path("/srv/monomail.toml"))
+
+
+def route(cfg, text: str):
+    return resolve(Address.from_str(text), cfg)
+
+
+def test_user_and_case(cfg):
+    (dest,) = route(cfg, "BOB@Example.Test")
+    assert isinstance(dest, Mailbox) and dest.user == "bob" and dest.format == "mbox"
+    assert dest.path == Path("/srv/mail/bob")
+
+
+def test_tag_is_stripped_for_lookup_only(cfg):
+    (dest,) = route(cfg, "bob+news@example.test")
+    assert dest.user == "bob" and dest.address == "bob+news@example.test"
+
+
+def test_nested_alias_with_remote_and_self_reference(cfg):
+    dests = route(cfg, "all@example.test")  # all -> team -> alice (-> alice + copy@remote) + bob; carol
+    assert sorted(d.user for d in dests if isinstance(d, Mailbox)) == ["alice", "bob", "carol"]
+    assert [d.address for d in dests if isinstance(d, Remote)] == ["copy@remote.test"]
+    dests = route(cfg, "alice@example.test")  # alice = ["alice", "copy@remote.test"]
+    assert [type(d) for d in dests] == [Mailbox, Remote]
+    assert dests[1].address == "copy@remote.test"
+
+
+def test_unknown_loop_and_smuggling(cfg):
+    with pytest.raises(RouteError) as e:
+        route(cfg, "nobody@example.test")
+    assert str(e.value.reply) == "550 5.1.1 No such user here"
+    with pytest.raises(RouteError) as e:
+        route(cfg, "l1@example.test")
+    assert e.value.reply.status == "5.4.6"
+    for bad in ("x%remote.test@example.test", "remote.test!x@example.test", '"x@remote.test"@example.test'):
+        with pytest.raises(RouteError) as e:
+            route(cfg, bad)
+        assert e.value.reply.code == 554 and e.value.reply.status == "5.7.1"
+    for odd in ("../../etc/x@example.test", "a/b@example.test", '"../x"@example.test', "..@example.test"):
+        with pytest.raises(RouteError) as e:
+            route(cfg, odd)
+        assert e.value.reply.status == "5.1.1"
+
+
+def test_relay_policy(cfg):
+    assert is_trusted("127.0.0.1", cfg) and is_trusted("::1", cfg) and is_trusted("::ffff:127.0.0.5", cfg)
+    assert not is_trusted("192.0.2.1", cfg)
+    remote = Address("x", "remote.test")
+    assert check_recipient(remote, cfg, trusted=True) == (Remote("x@remote.test", "remote.test"),)
+    with pytest.raises(RouteError):
+        check_recipient(remote, cfg, trusted=False)
+
+
+@pytest.mark.parametrize(
+    ("arg", "local", "domain", "route_"),
+    [
+        ("<alice@Example.TEST>", "alice", "example.test", ()),
+        (" <alice@example.test> SIZE=100", "alice", "example.test", ()),
+        ("alice@example.test", "alice", "example.test", ()),
+        ('<"a b"@example.test>', "a b", "example.test", ()),
+        ('<"x>y"@example.test>', "x>y", "example.test", ()),
+        ("<@relay.test,@b.test:x@remote.test>", "x", "remote.test", ("relay.test", "b.test")),
+        ("<postmaster>", "postmaster", "", ()),
+        ("<user@[127.0.0.1]>", "user", "[127.0.0.1]", ()),
+    ],
+)
+def test_parse_path(arg, local, domain, route_):
+    addr, _ = parse_path(arg)
+    assert (addr.local, addr.domain, addr.route) == (local, domain, route_)
+
+
+def test_parse_path_null_and_params():
+    addr, params = parse_path("<> SIZE=10 BODY=8BITMIME smtputf8")
+    assert addr is None and params == {"SIZE": "10", "BODY": "8BITMIME", "SMTPUTF8": None}
+
+
+@pytest.mark.parametrize(
+    ("arg", "code"),
+    [
+        ("<a\udcffb@example.test>", "553 5.1.3"),  # invalid UTF-8 (surrogateescape'd)
+        ("<j\u00f6rg@example.test>", "553 5.6.7"),  # UTF-8 without SMTPUTF8
+        ("<a@b@c>", "553 5.1.3"),
+        ("<a@-bad-.test>", "553 5.1.3"),
+        ("<a@example.test", "553 5.1.3"),
+        ("<a\x01@example.test>", "553 5.1.3"),
+        ("<" + "a" * 65 + "@example.test>", "553 5.1.3"),
+        ("<a@example.test> SIZE=", "501 5.5.4"),
+    ],
+)
+def test_parse_path_refusals(arg, code):
+    with pytest.raises(AddressError) as e:
+        parse_path(arg, smtputf8=False)
+    assert str(e.value.reply).startswith(code)
+
+
+def test_utf8_address_with_smtputf8():
+    addr, _ = parse_path("<j\u00f6rg@b\u00fccher.test> SMTPUTF8")
+    assert addr.local == "j\u00f6rg" and addr.domain == "b\u00fccher.test"
+
+
+def test_canonicalize_rejects_what_can_smuggle():
+    assert canonicalize(b"a\r\nb\r\n") == b"a\nb\n"
+    for bad in (b"a\nb\r\n", b"a\rb\r\n", b"a\r\n.\n", b"a\x00\r\n", b"x" * 999 + b"\r\n"):
+        with pytest.raises(ReplyError) as e:
+            canonicalize(bad)
+        assert e.value.reply.code == 554
+    assert canonicalize(b"x" * 998 + b"\r\n") == b"x" * 998 + b"\n"
+
+
+def test_count_received_counts_headers_only():
+    assert count_received(b"Received: a\nreceived: b\nSubject: x\n\nReceived: not a header\n") == 2
