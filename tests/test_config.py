@@ -74,3 +74,12 @@ def test_alias_loop_is_a_warning(tmp_path: Path):
     out = cli("check-config", "-c", str(path))
     assert out.returncode == 0
     assert "warning: aliases.a: alias loop" in out.stderr
+
+
+def test_container_config_is_valid():
+    out = cli("check-config", "-c", str(ROOT / "deploy" / "container.toml"))
+    assert out.returncode == 0, out.stderr
+    assert "0.0.0.0:2525" in out.stdout
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY deploy/container.toml /etc/monomail/monomail.toml" in dockerfile
+    assert 'CMD ["monomail", "serve", "-c", "/etc/monomail/monomail.toml"]' in dockerfile

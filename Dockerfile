@@ -1,0 +1,25 @@
+# monomail in a container: one process, config under /etc/monomail, spool and mail in volumes.
+#   docker build -t monomail .
+#   docker run -p 25:2525 -v monomail-spool:/var/spool/monomail -v monomail-mail:/var/mail \
+#              -v ./monomail.toml:/etc/monomail/monomail.toml:ro monomail
+FROM python:3.12-slim
+
+RUN useradd --system --home-dir /var/spool/monomail --shell /usr/sbin/nologin monomail \
+ && mkdir -p /etc/monomail /var/spool/monomail /var/mail \
+ && chown monomail:monomail /var/spool/monomail /var/mail
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY monomail ./monomail
+RUN pip install --no-cache-dir '.[fast]' && rm -rf /src
+
+# The container's config: all interfaces, data in the volumes (deploy/container.toml).
+COPY deploy/container.toml /etc/monomail/monomail.toml
+
+WORKDIR /var/spool/monomail
+USER monomail
+VOLUME ["/var/spool/monomail", "/var/mail"]
+EXPOSE 2525
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=5s CMD ["monomail", "check-config", "-c", "/etc/monomail/monomail.toml"]
+CMD ["monomail", "serve", "-c", "/etc/monomail/monomail.toml"]
