@@ -24,6 +24,7 @@ Not here: which mailbox (``router``), the headers to add (``deliver``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -92,19 +93,11 @@ def deliver_maildir(folder: Path, chunks: Sequence[bytes]) -> str:
             os.close(fd)
         os.rename(tmp, folder / "new" / name)
     except BaseException:
-        with _suppress_os():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(folder / "new")
     return name
-
-
-@contextmanager
-def _suppress_os() -> Iterator[None]:
-    try:
-        yield
-    except OSError:
-        pass
 
 
 def _thread_lock(path: Path) -> threading.Lock:
@@ -155,7 +148,7 @@ def _locked_mbox(path: Path, timeout: float) -> Iterator[int]:
                     try:
                         yield fd
                     finally:
-                        with _suppress_os():
+                        with contextlib.suppress(OSError):
                             os.unlink(dotlock)
                         os.close(fd)  # releases the fcntl lock
                     return
@@ -186,7 +179,7 @@ def _take_dotlock(fd: int, dotlock: Path) -> bool:
                 os.ftruncate(fd, old)
                 os.fsync(fd)
         elif age > STALE_FOREIGN_LOCK:
-            with _suppress_os():
+            with contextlib.suppress(OSError):
                 os.unlink(dotlock)
             return False
         else:

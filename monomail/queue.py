@@ -25,6 +25,7 @@ hangs up mid-delivery cannot tear a delivery in half; `close` waits for those ta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -204,10 +205,8 @@ class Queue:
             self._wake.clear()
             upcoming = [t for q, t in self._due.items() if q not in self._busy]
             timeout = max(0.0, min(upcoming) - self.clock()) if upcoming else None
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=min(timeout, 60.0) if timeout is not None else None)
-            except TimeoutError:
-                pass
 
     async def _retry(self, qid: str) -> None:
         try:

@@ -97,7 +97,7 @@ def test_smtputf8_address_and_8bit_body(serve):
         s.ehlo()
         assert s.has_extn("smtputf8") and s.has_extn("8bitmime")
         s.sendmail("j\u00f6rg@remote.test", ["alice@example.test"], data, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
-    (raw,) = [maildir(server, "alice").get_bytes(k) for k in maildir(server, "alice").keys()]
+    (raw,) = [maildir(server, "alice").get_bytes(k) for k in maildir(server, "alice").iterkeys()]
     assert "na\u00efve body \u2713".encode() in raw
     assert "Return-Path: <j\u00f6rg@remote.test>".encode() in raw
 

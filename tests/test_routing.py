@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import base_config
+
 from monomail import config as config_mod
 from monomail.envelope import Address, parse_path
 from monomail.errors import AddressError, ReplyError, RouteError
