@@ -43,6 +43,7 @@ _BAD_UTF8 = Reply(553, "5.1.3", "Address is not valid UTF-8")
 _NEEDS_UTF8 = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 _TOO_LONG = Reply(553, "5.1.3", "Address too long")
 _PARAM_SYNTAX = Reply(501, "5.5.4", "Bad parameter syntax")
+_NO_PATH = Reply(501, "5.5.4", "Syntax: an address in angle brackets is required (<> for none)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,7 @@ class Address:
 
     def __str__(self) -> str:
         local = self.local
-        if self.quoted or not _ATEXT.match(local) or local.startswith(".") or local.endswith("."):
+        if not _ATEXT.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
             local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
         return f"{local}@{self.domain}" if self.domain else local
 
@@ -93,7 +94,7 @@ def _parse_domain(domain: str) -> str:
         if not re.fullmatch(r"[0-9.]+|IPv6:[0-9A-Fa-f:.]+", literal):
             raise AddressError(_BAD_SYNTAX, f"bad address literal {domain!r}")
         return domain
-    labels = domain.rstrip(".").split(".")
+    labels = (domain[:-1] if domain.endswith(".") else domain).split(".")
     if not all(_LABEL.match(label) for label in labels):
         raise AddressError(_BAD_SYNTAX, f"bad domain {domain!r}")
     return ".".join(labels).lower()
@@ -139,6 +140,8 @@ def parse_path(arg: str, *, smtputf8: bool = True) -> tuple[Address | None, dict
     """
     _check_text(arg, True)
     arg = arg.strip(" ")
+    if not arg:
+        raise AddressError(_NO_PATH, "empty path")
     if arg.startswith("<"):
         end = arg.find(">")
         if end < 0:

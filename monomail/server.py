@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import re
 import socket
 import time
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, syntax
 from aiosmtpd.smtp import Envelope as _AioEnvelope
 
 from . import maillog, policy
@@ -53,6 +54,7 @@ from .errors import (
     ReplyError,
     RouteError,
 )
+from .message import LINE_TOO_LONG as DATA_LINE_TOO_LONG
 from .message import LOOP, canonicalize, count_received, received_header
 from .queue import Queue, new_id
 
@@ -67,10 +69,10 @@ _DEFAULT_STATUS = {
 }
 _REWRITE = {
     "552 Error: Too much mail data": str(MESSAGE_TOO_BIG),
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": str(DATA_LINE_TOO_LONG),
     "500 Command line too long": "500 5.5.2 Command line too long",
 }
-BAD_COMMAND_BYTES = Reply(501, "5.5.2", "NUL, CR or LF not allowed in a command")
+BAD_COMMAND_BYTES = Reply(501, "5.5.2", "NUL, bare CR or bare LF not allowed in a command line")
 NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already given")
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
@@ -92,6 +94,18 @@ def _enhance(status: str) -> str:
         return status
     enhanced = "5.5.1" if "not recognized" in status else _DEFAULT_STATUS.get(code, f"{status[0]}.0.0")
     return f"{status[:4]}{enhanced} {status[4:]}"
+
+
+class _LineReader(asyncio.StreamReader):
+    """aiosmtpd reads command lines up to a bare LF; this notes when one ended without CR,
+    so the command can be refused (as Postfix's smtpd_forbid_bare_newline does)."""
+
+    bare_lf = False
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        line = await super().readuntil(separator)
+        self.bare_lf = separator == b"\n" and not line.endswith(b"\r\n")
+        return line
 
 
 class _SessionEnvelope(_AioEnvelope):
@@ -124,10 +138,12 @@ class Session(SMTP):
             loop=server.loop,
         )
         self._smtp_methods = {name: self._guard(m) for name, m in self._smtp_methods.items()}
+        self._stream_reader.__class__ = _LineReader
 
     def _guard(self, method: Any) -> Any:
+        @functools.wraps(method)
         async def guarded(arg: str | None) -> None:
-            if arg and ("\x00" in arg or "\r" in arg or "\n" in arg):
+            if self._reader.bare_lf or (arg and ("\x00" in arg or "\r" in arg)):
                 await self.push(str(BAD_COMMAND_BYTES))
                 return
             await method(arg)
@@ -184,6 +200,7 @@ class Session(SMTP):
 
     # -- MAIL and RCPT ------------------------------------------------------------
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
@@ -226,6 +243,7 @@ class Session(SMTP):
                 return UNKNOWN_PARAM
         return None
 
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return

@@ -35,7 +35,7 @@ def test_unwritable_mailbox_is_journalled_and_retried(serve, tmp_path):
     # The admin fixes the mailbox; the retry (1s schedule in tests) delivers.
     (tmp_path / "mail" / "carol").unlink()
     deadline = time.monotonic() + 10
-    while entry.exists() and time.monotonic() < deadline:
+    while (entry.exists() or entry.with_suffix(".msg").exists()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not entry.exists() and not entry.with_suffix(".msg").exists()
     assert len(mailbox.Maildir(tmp_path / "mail" / "carol", factory=None, create=False)) == 1
