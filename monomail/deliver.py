@@ -95,9 +95,15 @@ class Deliverer:
                 if d.key not in skip:
                     jobs.setdefault(d.key, d)
         keys = list(jobs)
-        results = await asyncio.gather(
-            *(self._transport(jobs[k], env, data) for k in keys), return_exceptions=True
-        )
+        if len(keys) == 1:  # the common case, without gather's tasks
+            try:
+                results: list[BaseException | None] = [await self._transport(jobs[keys[0]], env, data)]
+            except Exception as exc:
+                results = [exc]
+        else:
+            results = await asyncio.gather(
+                *(self._transport(jobs[k], env, data) for k in keys), return_exceptions=True
+            )
         errors: dict[str, BaseException] = {
             k: r for k, r in zip(keys, results, strict=True) if isinstance(r, BaseException)
         }

@@ -42,6 +42,7 @@ _counter = itertools.count()
 _made_dirs: set[Path] = set()
 _path_locks: dict[Path, threading.Lock] = {}
 _path_locks_guard = threading.Lock()
+_PID = os.getpid()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 STALE_FOREIGN_LOCK = 600.0  # seconds: a dot-lock of another program this old is broken
 
@@ -61,12 +62,49 @@ def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
             views[0] = views[0][n:]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class _DirSync:
+    """Group commit for one directory: after a rename into it, one fsync of the directory
+    covers every rename that finished before that fsync began, so concurrent deliveries
+    into one folder share fsyncs instead of queueing one each."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._count = threading.Lock()
+        self._sync = threading.Lock()
+        self.renamed = 0  # renames finished so far
+        self.synced = 0  # renames known durable
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def after_rename(self) -> None:
+        with self._count:
+            self.renamed += 1
+            mine = self.renamed
+        with self._sync:
+            if self.synced >= mine:
+                return
+            target = self.renamed
+            os.fsync(self.fd)
+            self.synced = target
+
+
+_dir_syncs: dict[str, _DirSync] = {}
+_dir_syncs_guard = threading.Lock()
+MAX_DIR_FDS = 256
+
+
+def _dir_sync(path: str) -> _DirSync:
+    ds = _dir_syncs.get(path)
+    if ds is None:
+        with _dir_syncs_guard:
+            ds = _dir_syncs.get(path)
+            if ds is None:
+                if len(_dir_syncs) >= MAX_DIR_FDS:  # keep the fd count bounded; a rare reopen is cheap
+                    _dir_syncs.clear()  # fds of dropped entries close when no thread uses them
+                ds = _dir_syncs[path] = _DirSync(path)
+    return ds
 
 
 def ensure_maildir(folder: Path) -> None:
@@ -82,8 +120,9 @@ def deliver_maildir(folder: Path, chunks: Sequence[bytes]) -> str:
     ensure_maildir(folder)
     size = sum(len(c) for c in chunks)
     now = time.time()
-    name = f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(_counter)}.{_HOST},S={size}"
-    tmp = folder / "tmp" / name
+    name = f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{_PID}Q{next(_counter)}.{_HOST},S={size}"
+    base = os.fspath(folder)
+    tmp = f"{base}/tmp/{name}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -91,12 +130,12 @@ def deliver_maildir(folder: Path, chunks: Sequence[bytes]) -> str:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, folder / "new" / name)
+        os.rename(tmp, f"{base}/new/{name}")
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder / "new")
+    _dir_sync(f"{base}/new").after_rename()
     return name
 
 

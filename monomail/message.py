@@ -16,6 +16,7 @@ Job: pure functions over raw message bytes.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -76,7 +77,7 @@ def received_header(
 ) -> bytes:
     """``Received: from helo ([ip]) by host (monomail) with ESMTP id QID for <rcpt>; date``."""
     ip = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
-    stamp = format_datetime(datetime.fromtimestamp(when, UTC).astimezone())
+    stamp = _date(int(when))
     text = (
         f"Received: from {safe_word(helo)} ([{ip}])\n"
         f"\tby {hostname} (monomail) with {protocol} id {queue_id}"
@@ -84,6 +85,12 @@ def received_header(
     if recipient:
         text += f"\n\tfor <{recipient}>"
     return (text + f"; {stamp}\n").encode("utf-8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """RFC 5322 date in local time; cached, as every message of one second shares it."""
+    return format_datetime(datetime.fromtimestamp(second, UTC).astimezone())
 
 
 def delivery_headers(sender: str, delivered_to: str) -> bytes:

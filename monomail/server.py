@@ -137,18 +137,7 @@ class Session(SMTP):
             timeout=cfg.server.timeout,
             loop=server.loop,
         )
-        self._smtp_methods = {name: self._guard(m) for name, m in self._smtp_methods.items()}
         self._stream_reader.__class__ = _LineReader
-
-    def _guard(self, method: Any) -> Any:
-        @functools.wraps(method)
-        async def guarded(arg: str | None) -> None:
-            if self._reader.bare_lf or (arg and ("\x00" in arg or "\r" in arg)):
-                await self.push(str(BAD_COMMAND_BYTES))
-                return
-            await method(arg)
-
-        return guarded
 
     def _create_envelope(self) -> _SessionEnvelope:
         return _SessionEnvelope()
@@ -179,8 +168,12 @@ class Session(SMTP):
     # -- replies ------------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not self._raw_replies:
-            status = _enhance(status)
+        if isinstance(status, str):
+            if not self._raw_replies:
+                status = _enhance(status)
+            elif status == "250 HELP":  # the last EHLO line: our extensions instead
+                await super().push("250-PIPELINING")
+                status = "250 ENHANCEDSTATUSCODES"
         await super().push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -278,16 +271,29 @@ class Session(SMTP):
         await self.push(str(RCPT_OK))
 
 
+def _guarded(method: Any) -> Any:
+    """Wrap an ``smtp_*`` command method: refuse a line with NUL, bare CR or bare LF."""
+
+    @functools.wraps(method)
+    async def guarded(self: Session, arg: str | None) -> None:
+        if self._reader.bare_lf or (arg and ("\x00" in arg or "\r" in arg)):
+            await self.push(str(BAD_COMMAND_BYTES))
+            return
+        await method(self, arg)
+
+    return guarded
+
+
+# Done once here rather than per connection: aiosmtpd collects smtp_* methods in __init__.
+for _name in [n for n in dir(Session) if n.startswith("smtp_")]:
+    setattr(Session, _name, _guarded(getattr(Session, _name)))
+
+
 class Handler:
     """aiosmtpd's hook object: EHLO extensions, DATA, and exceptions."""
 
     def __init__(self, server: SMTPServer) -> None:
         self.mm = server
-
-    async def handle_EHLO(self, smtp: Session, session: Any, envelope: Any, hostname: str,
-                          responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        return [*responses[:-1], "250-PIPELINING", "250 ENHANCEDSTATUSCODES"]
 
     async def handle_DATA(self, smtp: Session, session: Any, envelope: _SessionEnvelope) -> str:
         cfg = self.mm.config

@@ -11,10 +11,12 @@ import mailbox
 import smtplib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SESSIONS = 10
 PER_SESSION = 20
+KILL_AT = 80
 
 
 def _body(tag: str) -> bytes:
@@ -25,7 +27,10 @@ def _expected_payload(tag: str) -> str:
     return f"{tag} payload line\n" * 60 + "END\n"
 
 
-def _load(port: int, acked: list[tuple[str, str]], stop: threading.Event) -> None:
+def _load(port: int, acked: list[tuple[str, str]], stop: threading.Event, kill: Callable[[], None]) -> None:
+    """Ten sessions; the one that sees the KILL_AT-th 250 kills the server at once."""
+    lock = threading.Lock()
+
     def session(n: int) -> None:
         try:
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
@@ -35,7 +40,11 @@ def _load(port: int, acked: list[tuple[str, str]], stop: threading.Event) -> Non
                     rcpt = ("alice", "bob", "carol")[(n + i) % 3]
                     tag = f"{n:02d}-{i:02d}"
                     if s.sendmail("load@remote.test", [f"{rcpt}@example.test"], _body(tag)) == {}:
-                        acked.append((rcpt, tag))
+                        with lock:
+                            acked.append((rcpt, tag))
+                            if len(acked) == KILL_AT:
+                                kill()  # SIGKILL while the other nine sessions are mid-transaction
+                                stop.set()
         except (OSError, smtplib.SMTPException):
             return  # the server died under us: whatever was not acked may be lost
 
@@ -68,15 +77,12 @@ def test_sigkill_under_load_loses_nothing_acknowledged(process_server, tmp_path)
     server = process_server(**overrides)
     acked: list[tuple[str, str]] = []
     stop = threading.Event()
-    loader = threading.Thread(target=_load, args=(server.port, acked, stop))
+    loader = threading.Thread(target=_load, args=(server.port, acked, stop, server.kill))
     loader.start()
-    deadline = time.monotonic() + 30
-    while len(acked) < 80 and time.monotonic() < deadline and loader.is_alive():
-        time.sleep(0.005)
-    server.kill()  # SIGKILL, mid-load
-    stop.set()
-    loader.join(30)
-    assert 80 <= len(acked) < SESSIONS * PER_SESSION, "the kill must land mid-load"
+    loader.join(60)
+    assert not loader.is_alive()
+    assert server.proc.returncode == -9, "the server must have been killed mid-load"
+    assert KILL_AT <= len(acked) < SESSIONS * PER_SESSION
     journalled = list((tmp_path / "spool").glob("*.json"))
     assert journalled, "carol's deferred mail should be in the spool"
 
