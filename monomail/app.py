@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from . import mailstore
 from .config import Config
 from .deliver import Deliverer
 from .queue import Queue
+from .remote import Transport
 from .server import SMTPServer
-from .spool import Spool
+from .spool import PID_FILE, Spool
 
 log = logging.getLogger("monomail")
 
@@ -46,14 +51,17 @@ def setup_logging(config: Config) -> None:
 class App:
     """One running monomail."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="monomail-io")
         self.spool = Spool(config.server.spool_dir)
-        self.deliverer = Deliverer(config, self.executor)
-        self.queue = Queue(self.spool, self.deliverer.attempt, config.queue)
+        self.transport = Transport(config)
+        self.deliverer = Deliverer(config, self.executor, self.transport)
+        self.queue = Queue(self.spool, self.deliverer.attempt, config.queue, hostname=config.hostname,
+                           cut_through=config.remote.cut_through, clock=clock)
         self.server = SMTPServer(config, self.queue)
         self._runner: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -66,15 +74,30 @@ class App:
                     await asyncio.to_thread(mailstore.recover_mbox, user.path)
                 except (OSError, mailstore.MailboxLocked) as exc:
                     log.warning("mbox %s: recovery check failed: %s", user.path, exc)
-        pending = await asyncio.to_thread(self.queue.load)
+        pending = await self.queue.load()
         if pending:
             log.info("spool: %d queued message(s) to resume", pending)
         await self.server.start()
+        self.pid_file.write_text(f"{os.getpid()}\n")
         self._runner = asyncio.create_task(self.queue.run(), name="queue-runner")
         log.info("monomail started as %s", self.config.hostname)
 
+    @property
+    def pid_file(self) -> Path:
+        return self.config.server.spool_dir / PID_FILE
+
     def stop(self) -> None:
         self._stop.set()
+
+    def reload_queue(self) -> None:
+        """SIGUSR1 (sent by ``monomail queue flush/hold/release/delete``): re-read the spool."""
+        task = asyncio.ensure_future(self._reload())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _reload(self) -> None:
+        count = await self.queue.reload()
+        log.info("queue reloaded: %d entries", count)
 
     async def wait(self) -> None:
         await self._stop.wait()
@@ -87,7 +110,10 @@ class App:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
         await self.queue.close(grace)
+        await self.transport.close()
         self.executor.shutdown(wait=True)
+        if self.pid_file.exists() and self.pid_file.read_text().strip() == str(os.getpid()):
+            self.pid_file.unlink(missing_ok=True)
         log.info("stopped")
 
 
@@ -96,6 +122,7 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.stop)
+    loop.add_signal_handler(signal.SIGUSR1, app.reload_queue)
     try:
         await app.start()
     except OSError as exc:

@@ -8,6 +8,8 @@ key). Every error is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from .config import Config, load
 from .errors import ConfigError, SpoolError
-from .spool import Spool
+from .spool import PID_FILE, Spool
 
 
 def _version() -> str:
@@ -80,6 +82,76 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spool(args: argparse.Namespace) -> Spool:
+    return Spool(_load(args.config).server.spool_dir)
+
+
+def _signal_server(spool: Spool) -> str:
+    """Ask a running server to re-read the spool (SIGUSR1); say what happened."""
+    try:
+        pid = int((spool.dir / PID_FILE).read_text().strip())
+        os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError):
+        return "server not running; takes effect when it starts"
+    return f"server (pid {pid}) notified"
+
+
+def cmd_queue_show(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    record = spool.load(args.id)
+    print(f"id:          {record['id']}")
+    print(f"sender:      <{record['sender']}>")
+    print(f"received:    {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(record['received_at']))}")
+    print(f"size:        {spool.message_size(args.id)}")
+    print(f"held:        {'yes' if record.get('hold') else 'no'}")
+    for r in record["recipients"]:
+        extra = []
+        if r.get("next_attempt") and r["state"] == "pending":
+            extra.append(f"next attempt in {_age(r['next_attempt'] - time.time())}")
+        if r.get("last_error"):
+            extra.append(f"last error: {r['last_error']}")
+        print(f"recipient:   <{r['address']}> {r['state']}, attempts {r.get('attempts', 0)}"
+              + ("".join(f"\n               {e}" for e in extra)))
+    print()
+    data = spool.message(args.id)
+    end = data.find(b"\n\n")
+    sys.stdout.write((data if end < 0 else data[: end + 1]).decode("utf-8", "replace"))
+    return 0
+
+
+def _edit(args: argparse.Namespace, change: str) -> int:
+    spool = _spool(args)
+    with spool.locked():
+        if change == "delete":
+            if not spool.exists(args.id):
+                raise SpoolError(f"no queue entry {args.id}")
+            spool.remove(args.id)
+        else:
+            record = spool.load(args.id)
+            record["hold"] = change == "hold"
+            if change == "release":
+                for r in record["recipients"]:
+                    if r["state"] == "pending":
+                        r["next_attempt"] = 0
+            spool.update(record)
+    print(f"{args.id}: {change}d" if change != "hold" else f"{args.id}: held", "-", _signal_server(spool))
+    return 0
+
+
+def cmd_queue_flush(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    with spool.locked():
+        ids = [args.id] if args.id else spool.ids()
+        for qid in ids:
+            record = spool.load(qid)
+            for r in record["recipients"]:
+                if r["state"] == "pending":
+                    r["next_attempt"] = 0
+            spool.update(record)
+    print(f"{len(ids)} entr{'y' if len(ids) == 1 else 'ies'} due now -", _signal_server(spool))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monomail", description="A monolithic mail server.")
     parser.add_argument("--version", action="version", version=f"monomail {_version()}")
@@ -95,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     qsub = q.add_subparsers(dest="queue_command", required=True)
     p = qsub.add_parser("list", parents=[common], help="list queued messages")
     p.set_defaults(func=cmd_queue_list)
+    p = qsub.add_parser("show", parents=[common], help="envelope, recipient states and headers of one entry")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_queue_show)
+    p = qsub.add_parser("flush", parents=[common], help="retry now (all entries, or one)")
+    p.add_argument("id", nargs="?")
+    p.set_defaults(func=cmd_queue_flush)
+    for name, text in (("delete", "remove an entry without delivering it"),
+                       ("hold", "keep an entry without retrying it"),
+                       ("release", "undo hold and retry now")):
+        p = qsub.add_parser(name, parents=[common], help=text)
+        p.add_argument("id")
+        p.set_defaults(func=lambda a, change=name: _edit(a, change))
     return parser
 
 

@@ -81,6 +81,28 @@ class QueueConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DNSConfig:
+    nameservers: tuple[str, ...]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    port: int
+    tls: str
+    smarthost: str
+    smarthost_username: str
+    smarthost_password: str
+    connect_timeout: float
+    command_timeout: float
+    data_timeout: float
+    max_connections: int
+    max_connections_per_domain: int
+    connection_idle: float
+    cut_through: float
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
     file: Path | None
@@ -95,6 +117,8 @@ class Config:
     users: Mapping[str, User]
     aliases: Mapping[str, tuple[str, ...]]
     queue: QueueConfig
+    dns: DNSConfig
+    remote: RemoteConfig
     log: LogConfig
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -306,6 +330,43 @@ def _queue(t: _Table) -> QueueConfig:
     return cfg
 
 
+def _dns(t: _Table) -> DNSConfig:
+    servers = t.strs("nameservers", [])
+    for ns in servers:
+        host = ns[1:].partition("]")[0] if ns.startswith("[") else ns.rpartition(":")[0] if ns.count(":") == 1 else ns
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(t.key("nameservers"), f"expected an IP address with optional :port, got {ns!r}") from None
+    cfg = DNSConfig(tuple(servers), t.duration("timeout", "5s"))
+    t.finish()
+    return cfg
+
+
+def _remote(t: _Table) -> RemoteConfig:
+    smarthost = t.str("smarthost", "")
+    if smarthost and not re.fullmatch(r"\[[0-9A-Fa-f:.]+\](:\d+)?|[A-Za-z0-9.\-]+(:\d+)?", smarthost):
+        raise ConfigError(t.key("smarthost"), f"expected \"host:port\", got {smarthost!r}")
+    cfg = RemoteConfig(
+        port=t.int("port", 25, minimum=1),
+        tls=t.str("tls", "opportunistic", ("opportunistic", "required", "none")),
+        smarthost=smarthost,
+        smarthost_username=t.str("smarthost_username", ""),
+        smarthost_password=t.str("smarthost_password", ""),
+        connect_timeout=t.duration("connect_timeout", "30s"),
+        command_timeout=t.duration("command_timeout", "5m"),
+        data_timeout=t.duration("data_timeout", "10m"),
+        max_connections=t.int("max_connections", 50, minimum=1),
+        max_connections_per_domain=t.int("max_connections_per_domain", 10, minimum=1),
+        connection_idle=t.duration("connection_idle", "5s"),
+        cut_through=t.duration("cut_through", "30s"),
+    )
+    if cfg.port > 65535:
+        raise ConfigError(t.key("port"), f"port out of range: {cfg.port}")
+    t.finish()
+    return cfg
+
+
 def _log(t: _Table, base: Path) -> LogConfig:
     level = t.str("level", "info", ("debug", "info", "warning", "error"))
     file = t.str("file", "")
@@ -325,6 +386,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     users = _users(top.table("users"), local, base)
     aliases, warnings = _aliases(top.table("aliases"), users)
     queue = _queue(top.table("queue"))
+    dns = _dns(top.table("dns"))
+    remote = _remote(top.table("remote"))
     log = _log(top.table("log"), base)
     top.finish()
     return Config(
@@ -335,6 +398,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         users=MappingProxyType(users),
         aliases=MappingProxyType(aliases),
         queue=queue,
+        dns=dns,
+        remote=remote,
         log=log,
         warnings=tuple(warnings),
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .config import Config
 from .envelope import Address, Envelope, Outcome, Status
 from .errors import Reply, RouteError
 from .message import delivery_headers
+from .remote import Transport
 from .router import Destination, Mailbox, Remote, resolve
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")
@@ -39,19 +41,28 @@ QUOTA = Reply(452, "4.2.2", "Mailbox full")
 LOCAL_FAILURE = Reply(451, "4.3.0", "Local delivery failed, will retry")
 NO_REMOTE = Reply(451, "4.4.0", "Remote delivery not available, will retry")
 
+log = logging.getLogger("monomail.deliver")
+
 
 def classify(exc: BaseException) -> Reply:
     """The reply for a transport error. Nothing here is permanent."""
     if isinstance(exc, mailstore.MailboxLocked):
         return MAILBOX_BUSY
-    if isinstance(exc, _NoRemote):
-        return NO_REMOTE
     if isinstance(exc, OSError):
         if exc.errno == errno.ENOSPC:
             return NO_STORAGE
         if exc.errno == errno.EDQUOT:
             return QUOTA
     return LOCAL_FAILURE
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    """What one destination came to: a 2xx reply is success."""
+
+    reply: Reply
+    detail: str
+    host: str = ""
 
 
 @dataclass
@@ -63,9 +74,10 @@ class _MboxBatch:
 class Deliverer:
     """Delivers messages; owns the mbox group-commit state. One per process."""
 
-    def __init__(self, config: Config, executor: Executor) -> None:
+    def __init__(self, config: Config, executor: Executor, transport: Transport | None = None) -> None:
         self.config = config
         self.executor = executor
+        self.transport = transport
         self._mbox_pending: dict[Path, _MboxBatch] = {}
         self._mbox_writing: set[Path] = set()
 
@@ -94,46 +106,68 @@ class Deliverer:
             for d in dests:
                 if d.key not in skip:
                     jobs.setdefault(d.key, d)
-        keys = list(jobs)
-        if len(keys) == 1:  # the common case, without gather's tasks
-            try:
-                results: list[BaseException | None] = [await self._transport(jobs[keys[0]], env, data)]
-            except Exception as exc:
-                results = [exc]
-        else:
-            results = await asyncio.gather(
-                *(self._transport(jobs[k], env, data) for k in keys), return_exceptions=True
-            )
-        errors: dict[str, BaseException] = {
-            k: r for k, r in zip(keys, results, strict=True) if isinstance(r, BaseException)
-        }
+        results = await self._run(jobs, env, data)
         outcomes = []
         for rcpt in recipients:
             if rcpt in refused:
                 exc = refused[rcpt]
                 outcomes.append(Outcome(rcpt, Status.PERMANENT, exc.reply, exc.detail))
                 continue
-            done = tuple(d.key for d in routed[rcpt] if d.key not in errors)
-            failed = [(d, errors[d.key]) for d in routed[rcpt] if d.key in errors]
+            dests = routed[rcpt]
+            done = tuple(d.key for d in dests if results[d.key].reply.code < 300)
+            failed = [results[d.key] for d in dests if results[d.key].reply.code >= 300]
             if not failed:
-                where = ", ".join(_describe(d) for d in routed[rcpt])
+                where = ", ".join(results[d.key].detail for d in dests)
                 outcomes.append(Outcome(rcpt, Status.DELIVERED, DELIVERED, where, done))
-            else:
-                dest, exc = failed[0]
-                detail = f"{_describe(dest)}: {type(exc).__name__}: {exc}"
-                outcomes.append(Outcome(rcpt, Status.TEMPORARY, classify(exc), detail, done))
+                continue
+            # One answer per original recipient: temporary wins (retry), then permanent.
+            worst = next((f for f in failed if f.reply.temporary), failed[0])
+            status = Status.TEMPORARY if worst.reply.temporary else Status.PERMANENT
+            outcomes.append(Outcome(rcpt, status, worst.reply, worst.detail, done, worst.host))
         return outcomes
 
-    async def _transport(self, dest: Destination, env: Envelope, data: bytes) -> None:
-        if isinstance(dest, Remote):
-            raise _NoRemote("remote delivery is not configured")
-        chunks = [delivery_headers(env.sender, dest.address), data]
-        loop = asyncio.get_running_loop()
-        if dest.format == "maildir":
-            await loop.run_in_executor(self.executor, mailstore.deliver_maildir, dest.path, chunks)
+    async def _run(self, jobs: dict[str, Destination], env: Envelope, data: bytes) -> dict[str, _Result]:
+        """Run every transport job at once; a result per destination key."""
+        local = [d for d in jobs.values() if isinstance(d, Mailbox)]
+        remote: dict[str, list[Remote]] = {}
+        for d in jobs.values():
+            if isinstance(d, Remote):
+                remote.setdefault(d.domain, []).append(d)
+        work = [self._local(d, env, data) for d in local]
+        work += [self._remote(domain, dests, env, data) for domain, dests in remote.items()]
+        if len(work) == 1:  # the common case, without gather's tasks
+            batches = [await work[0]]
         else:
-            chunks[1] = mailstore.mbox_quote(data)
-            await self._mbox(dest.path, (env.sender, env.received_at, chunks))
+            batches = await asyncio.gather(*work)
+        return {key: result for batch in batches for key, result in batch}
+
+    async def _local(self, dest: Mailbox, env: Envelope, data: bytes) -> list[tuple[str, _Result]]:
+        where = f"{dest.format} {dest.path}"
+        chunks = [delivery_headers(env.sender, dest.address), data]
+        try:
+            if dest.format == "maildir":
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self.executor, mailstore.deliver_maildir, dest.path, chunks)
+            else:
+                chunks[1] = mailstore.mbox_quote(data)
+                await self._mbox(dest.path, (env.sender, env.received_at, chunks))
+        except Exception as exc:  # every local transport error is temporary
+            return [(dest.key, _Result(classify(exc), f"{where}: {type(exc).__name__}: {exc}"))]
+        return [(dest.key, _Result(DELIVERED, where))]
+
+    async def _remote(self, domain: str, dests: list[Remote], env: Envelope, data: bytes) -> list[tuple[str, _Result]]:
+        if self.transport is None:
+            return [(d.key, _Result(NO_REMOTE, "no remote transport")) for d in dests]
+        by_address = {d.address: d for d in dests}
+        try:
+            results = await self.transport.send(env.sender, domain, list(by_address), data, env.smtputf8)
+        except Exception as exc:  # unclassified: temporary (DESIGN invariant 2)
+            log.exception("remote delivery to %s crashed", domain)
+            return [(d.key, _Result(LOCAL_FAILURE, f"remote {domain}: {exc!r}")) for d in dests]
+        return [
+            (by_address[r.recipient].key, _Result(r.reply, f"remote {r.host or domain}: {r.reply}", r.host))
+            for r in results
+        ]
 
     async def _mbox(self, path: Path, item: mailstore.MboxItem) -> None:
         """Queue ``item`` for ``path``; the first caller writes every waiting item in batches."""
@@ -169,12 +203,3 @@ class Deliverer:
                     w.set_exception(OSError("mbox writer stopped"))
         await fut
 
-
-class _NoRemote(Exception):
-    pass
-
-
-def _describe(dest: Destination) -> str:
-    if isinstance(dest, Mailbox):
-        return f"{dest.format} {dest.path}"
-    return f"remote {dest.domain}"

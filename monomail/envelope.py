@@ -204,6 +204,7 @@ class Outcome:
     reply: Reply
     detail: str = ""
     finished: tuple[str, ...] = ()  # destination keys delivered (kept across retries)
+    remote_host: str = ""  # the remote MTA that answered, for DSNs
 
     @property
     def done(self) -> bool:

@@ -20,6 +20,8 @@ when to retry (``queue``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import threading
@@ -30,6 +32,7 @@ from typing import Any
 from .errors import SpoolError
 
 Record = dict[str, Any]
+PID_FILE = "monomail.pid"  # the running server's pid, so `monomail queue` can signal it (SIGUSR1)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,6 +73,16 @@ class Spool:
         if not _valid_id(qid):
             raise SpoolError(f"bad queue id {qid!r}")
         return self.dir / f"{qid}.msg", self.dir / f"{qid}.json"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the spool's lock for a read-modify-write of entries (server and CLI alike)."""
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def store(self, record: Record, data: bytes) -> None:
         """Journal a new entry durably: message, then record, then the folder."""
@@ -128,6 +141,9 @@ class Spool:
             return []
         return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
 
+    def exists(self, qid: str) -> bool:
+        return self._paths(qid)[1].exists()
+
     def records(self) -> Iterator[Record]:
         """Every readable entry; unreadable ones are skipped (and reported by the caller)."""
         for qid in self.ids():
@@ -144,7 +160,8 @@ class Spool:
         except FileNotFoundError:
             return gone
         for name in names:
-            if name.startswith(".tmp.") or (name.endswith(".msg") and name[:-4] + ".json" not in names):
+            orphan = name.endswith(".msg") and name[:-4] + ".json" not in names
+            if name.startswith(".tmp.") or orphan:
                 (self.dir / name).unlink(missing_ok=True)
                 gone.append(name)
         return gone

@@ -49,6 +49,10 @@ def base_config(**overrides: Any) -> dict[str, Any]:
         "users": {"alice": {}, "bob": {"mailbox_format": "mbox"}, "carol": {}},
         "aliases": {"postmaster": ["alice"], "team": ["alice", "bob"], "all": ["team", "carol"]},
         "queue": {"retry": ["1s"]},
+        # Loopback only: no test may send DNS or SMTP traffic off this machine. Tests that
+        # exercise remote delivery point these at their own DNS server and SMTP peers.
+        "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "1s"},
+        "remote": {"port": 9, "connect_timeout": "2s", "command_timeout": "5s", "data_timeout": "5s"},
         "log": {"level": "info"},
     }
     for key, value in overrides.items():
@@ -74,8 +78,9 @@ def free_port() -> int:
 class ThreadServer:
     """A real monomail App running in its own event loop on a background thread."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Any = None) -> None:
         self.config = config
+        self.clock = clock
         self.app: App | None = None
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -87,7 +92,7 @@ class ThreadServer:
         return self
 
     async def _make(self) -> App:
-        return App(self.config)
+        return App(self.config, clock=self.clock) if self.clock else App(self.config)
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -110,9 +115,9 @@ def serve(tmp_path: Path) -> Iterator[Any]:
     """``serve(**overrides)`` → a started ThreadServer on a fresh config in tmp_path."""
     servers: list[ThreadServer] = []
 
-    def start(**overrides: Any) -> ThreadServer:
+    def start(clock: Any = None, **overrides: Any) -> ThreadServer:
         path = write_config(tmp_path, **overrides)
-        server = ThreadServer(load(path)).start()
+        server = ThreadServer(load(path), clock).start()
         servers.append(server)
         return server
 

@@ -164,7 +164,7 @@ def assert_nothing_delivered(server: Any) -> None:
     """No mailbox file anywhere (new/, cur/, tmp/, mbox) and nothing in the spool."""
     cfg = server.config
     assert files_under(cfg.local.mail_dir) == set()
-    assert [p.name for p in files_under(cfg.server.spool_dir)] == []
+    assert [p.name for p in files_under(cfg.server.spool_dir) if p.suffix in (".json", ".msg")] == []
 
 
 def assert_serving(server: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import mailbox
+import shutil
 import smtplib
 import time
 
@@ -47,7 +48,7 @@ def test_spool_failure_answers_451_not_250(serve, tmp_path):
     (tmp_path / "mail" / "carol").write_text("not a folder")  # forces the spool path
     server = serve()
     spool = tmp_path / "spool"
-    spool.rmdir()
+    shutil.rmtree(spool)
     spool.write_text("the spool folder is gone and a file is in its place")
     code, text = _send(server.port, ["carol@example.test"])
     assert (code, text[:5]) == (451, b"4.3.0")
