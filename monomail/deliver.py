@@ -2,18 +2,22 @@
 
 Job: for each recipient still to do, ask the router for its destinations, write every
 distinct local mailbox once (``Return-Path`` and ``Delivered-To`` on top, RFC 5321
-§4.4), and say per recipient: delivered, temporary failure or permanent failure. The
-queue decides what to do with that; this module never touches the spool.
+§4.4), hand remote destinations to ``remote.Transport`` grouped by domain (one SMTP
+transaction per domain), and say per recipient: delivered, temporary failure or
+permanent failure. The queue decides what to do with that; this module never touches
+the spool.
 
 Speed: one trip to a worker thread per message per mailbox (open, write, fsync, rename
-together, in ``mailstore``), all mailboxes of a message in parallel, and concurrent
+together, in ``mailstore``), all destinations of a message in parallel, and concurrent
 messages for one mbox file gathered into one locked append with one fsync (group
 commit), so fsyncs overlap and the event loop never blocks.
 
-Error handling (DESIGN invariant 2): a routing refusal is permanent; every transport
-error is temporary: a locked mailbox (4.2.0), a full disk (4.3.1), a full quota
-(4.2.2), anything unclassified (4.3.0). The cause goes to the Outcome's ``detail`` for
-the log, never into the reply.
+Error handling (DESIGN invariant 2): a routing refusal and a remote 5xx are permanent;
+every local transport error is temporary: a locked mailbox (4.2.0), a full disk
+(4.3.1), a full quota (4.2.2), anything unclassified (4.3.0). When one recipient has
+several destinations, a temporary failure of any of them makes the recipient
+temporary (the delivered ones are remembered and skipped on retry). Causes go to the
+Outcome's ``detail`` for the log, never into the reply.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ class Queue:
             return Reply(250, "2.0.0", f"OK delivered as {env.id}")
         if all(o.status is Status.PERMANENT for o in outcomes):
             first = outcomes[0].reply
-            return Reply(554 if first.code < 552 else first.code, first.status, first.text)
+            return Reply(552 if first.code == 552 else 554, first.status, first.text)  # DATA replies: RFC 5321 4.3.2
         now = self.clock()
         record = new_record(env, now)
         by_address = {r["address"]: r for r in record["recipients"]}

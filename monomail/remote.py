@@ -276,9 +276,19 @@ class Transport:
         return await self._connect(host, ip, port), False
 
     def _keep(self, ip: str, port: int, client: aiosmtplib.SMTP) -> None:
+        now = time.monotonic()
+        for key, idles in list(self._idle.items()):  # close what idled too long, anywhere
+            fresh = [i for i in idles if now - i.since < self.rc.connection_idle and i.client.is_connected]
+            for stale in idles:
+                if stale not in fresh:
+                    stale.client.close()
+            if fresh:
+                self._idle[key] = fresh
+            else:
+                del self._idle[key]
         idles = self._idle[(ip, port)]
         if client.is_connected and self.rc.connection_idle > 0 and len(idles) < self.rc.max_connections_per_domain:
-            idles.append(_Idle(client, time.monotonic()))
+            idles.append(_Idle(client, now))
         else:
             client.close()
 

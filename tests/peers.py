@@ -39,8 +39,8 @@ __all__ = ["DNSServer", "Received", "SMTPPeer", "self_signed_cert"]
 
 
 def _check_loopback(host: str) -> None:
-    if not host.startswith("127."):
-        raise ValueError(f"test peers bind loopback 127.0.0.x only, not {host!r}")
+    if not (host.startswith("127.") or host == "::1"):
+        raise ValueError(f"test peers bind loopback (127.0.0.x or ::1) only, not {host!r}")
 
 
 # --------------------------------------------------------------------------------------------
