@@ -65,18 +65,17 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     rows = 0
     for record in spool.records():
         qid = record["id"]
-        pending = [r for r in record["recipients"] if r["state"] in ("pending", "failed")]
-        errors = [r.get("last_error", "") for r in pending if r.get("last_error")]
-        nexts = [r["next_attempt"] for r in pending if "next_attempt" in r]
         hold = " (held)" if record.get("hold") else ""
         print(f"{qid}  age {_age(now - record['received_at'])}  size {spool.message_size(qid)}"
               f"  from <{record['sender']}>{hold}")
-        for r in pending:
+        for r in record["recipients"]:
+            if r["state"] == "delivered":
+                continue
             print(f"    {r['state']:8} <{r['address']}>  attempts {r.get('attempts', 0)}")
-        if errors:
-            print(f"    last error: {errors[-1]}")
-        if nexts:
-            print(f"    next attempt in {_age(min(nexts) - now)}")
+            if r.get("last_error"):
+                print(f"      last error: {r['last_error']}")
+            if r["state"] == "pending" and "next_attempt" in r:
+                print(f"      next attempt in {_age(r['next_attempt'] - now)}")
         rows += 1
     print(f"-- {rows} message(s) in queue" if rows else "queue is empty")
     return 0

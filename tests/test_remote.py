@@ -91,7 +91,10 @@ def wait_until(pred, timeout: float = 10.0) -> None:
 
 
 def alice_mail(server) -> list[email.message.Message]:
-    box = mailbox.Maildir(server.config.local.mail_dir / "alice", factory=None, create=True)
+    path = server.config.local.mail_dir / "alice"
+    if not all((path / sub).is_dir() for sub in ("tmp", "new", "cur")):
+        return []  # not created yet (or being created right now by the server)
+    box = mailbox.Maildir(path, factory=None, create=False)
     return [email.message_from_bytes(box.get_bytes(k)) for k in sorted(box.keys())]
 
 
