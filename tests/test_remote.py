@@ -128,9 +128,10 @@ def test_relay_by_mx_keeps_body_and_adds_received(serve, dns, port, peers):
     assert head.startswith(b"Received: from ") and b"by mx.example.test (monomail)" in head
     assert b"Subject: relay me" in head
     assert spool_entries(server) == []
-    # A second message reuses the cached connection.
+    # A second message reuses the cached connection and the cached DNS answers (TTL 300).
     assert send(server, ["x@remote.test"])[0] == 250
     assert len(peer.received) == 2 and peer.connections == 1
+    assert dns.queries.count(("remote.test", "MX")) == 1
 
 
 # -- acceptance 2: preference, fallback, null MX, NXDOMAIN, implicit MX ---------------
@@ -147,17 +148,20 @@ def test_mx_preference_and_fallback(serve, dns, port, peers):
     assert dns.queries.index(("mx1.remote.test", "A")) >= 0
 
 
-def test_next_mx_after_4xx_greeting_and_hang(serve, dns, port, peers):
-    dns.mx("remote.test", (10, "a.remote.test"), (20, "b.remote.test"), (30, "c.remote.test"))
+def test_next_mx_after_4xx_greeting_ehlo_and_hang(serve, dns, port, peers):
+    dns.mx("remote.test", (10, "a.remote.test"), (20, "b.remote.test"), (30, "c.remote.test"), (40, "d.remote.test"))
     dns.a("a.remote.test", "127.0.0.2")
     dns.a("b.remote.test", "127.0.0.3")
-    dns.a("c.remote.test", "127.0.0.4")
+    dns.a("c.remote.test", "127.0.0.6")
+    dns.a("d.remote.test", "127.0.0.4")
     busy = peers("127.0.0.2", port, greeting_reply="421 4.3.2 busy")
     hung = peers("127.0.0.3", port, hang=True)
+    no_ehlo = peers("127.0.0.6", port, ehlo_reply="450 4.0.0 not now")
     good = peers("127.0.0.4", port)
     server = relay(serve, dns, port, remote={"connect_timeout": "1s", "command_timeout": "1s"})
     assert send(server, ["x@remote.test"])[0] == 250
-    assert busy.connections == 1 and hung.connections == 1 and len(good.received) == 1
+    assert busy.connections == 1 and hung.connections == 1 and no_ehlo.connections == 1
+    assert no_ehlo.received == [] and len(good.received) == 1
 
 
 def test_implicit_mx_from_a_record(serve, dns, port, peers):
@@ -203,6 +207,7 @@ def test_mixed_outcomes_deliver_bounce_and_defer(serve, dns, port, peers):
     wait_until(lambda: len(alice_mail(server)) == 1)
     (dsn,) = alice_mail(server)
     assert dsn["To"] == "alice@example.test" and dsn["Auto-Submitted"] == "auto-replied"
+    assert dsn["Return-Path"] == "<>"  # sent from the null sender
     blocks = report_blocks(dsn)
     assert blocks[0]["Reporting-MTA"] == "dns; mx.example.test"
     (failed,) = blocks[1:]
