@@ -28,6 +28,7 @@ from .queue import Queue
 from .remote import Transport
 from .server import SMTPServer
 from .spool import PID_FILE, Spool
+from .tables import FileTables
 
 log = logging.getLogger("monomail")
 
@@ -56,10 +57,11 @@ class App:
         self.executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="monomail-io")
         self.spool = Spool(config.server.spool_dir)
         self.transport = Transport(config)
-        self.deliverer = Deliverer(config, self.executor, self.transport)
+        self.tables = FileTables()
+        self.deliverer = Deliverer(config, self.executor, self.transport, self.tables)
         self.queue = Queue(self.spool, self.deliverer.attempt, config.queue, hostname=config.hostname,
                            cut_through=config.remote.cut_through, clock=clock)
-        self.server = SMTPServer(config, self.queue)
+        self.server = SMTPServer(config, self.queue, self.tables)
         self._runner: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()

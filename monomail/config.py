@@ -64,6 +64,7 @@ class LocalConfig:
     mail_dir: Path
     recipient_delimiter: str
     lock_timeout: float
+    allow_dot_forward: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,43 @@ class User:
     name: str
     mailbox_format: str
     path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """``[forward] user = { to = [...], keep_copy = true }``: what ``.forward`` gives."""
+
+    user: str
+    to: tuple[str, ...]
+    keep_copy: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MailingList:
+    name: str
+    address: str  # local@domain, lower-case
+    members: tuple[str, ...]  # inline members
+    members_file: Path | None  # one address a line, re-read when it changes
+    policy: str  # "open" | "members" | "announce"
+    posters: tuple[str, ...]  # who may post to an "announce" list
+    owner: tuple[str, ...]  # gets <name>-owner, <name>-request and <name>-bounces mail
+    bounce_address: str  # envelope sender of list mail (member bounces come back here)
+    list_id: str  # RFC 2919, e.g. "dev.example.test"
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+    @property
+    def request_address(self) -> str:
+        local, _, domain = self.address.rpartition("@")
+        return f"{local}-request@{domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class Masquerade:
+    domains: tuple[str, ...]
+    exceptions: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +154,11 @@ class Config:
     local: LocalConfig
     users: Mapping[str, User]
     aliases: Mapping[str, tuple[str, ...]]
+    virtual: Mapping[str, Mapping[str, tuple[str, ...]]]
+    forward: Mapping[str, Forward]
+    lists: Mapping[str, MailingList]
+    list_addresses: Mapping[str, tuple[MailingList, str]]  # address → (list, "post" | "owner")
+    masquerade: Masquerade
     queue: QueueConfig
     dns: DNSConfig
     remote: RemoteConfig
@@ -167,6 +210,12 @@ class _Table:
             raise ConfigError(self.key(name), f"expected an integer, got {value!r}")
         if value < minimum:
             raise ConfigError(self.key(name), f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), f"expected true or false, got {value!r}")
         return value
 
     def strs(self, name: str, default: list[str]) -> list[str]:
@@ -253,6 +302,7 @@ def _local(t: _Table, base: Path) -> LocalConfig:
         mail_dir=t.path_("mail_dir", "var/mail", base),
         recipient_delimiter=delimiter,
         lock_timeout=t.duration("lock_timeout", "10s"),
+        allow_dot_forward=t.bool("allow_dot_forward", False),
     )
     t.finish()
     return cfg
@@ -314,6 +364,89 @@ def _alias_loops(aliases: Mapping[str, tuple[str, ...]], users: Mapping[str, Use
                     seen.add(t)
                     stack.append(t)
     return looped
+
+
+def _check_targets(key: str, targets: list[str], names: set[str]) -> tuple[str, ...]:
+    for target in targets:
+        if "@" not in target and target.lower() not in names:
+            raise ConfigError(key, f"target {target!r} is neither a user nor an alias")
+    return tuple(x.strip() for x in targets)
+
+
+def _virtual(t: _Table, local: LocalConfig, names: set[str]) -> dict[str, dict[str, tuple[str, ...]]]:
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for raw in list(t.data):
+        domain = _domain(raw, t.key(raw))
+        if domain in local.domains:
+            raise ConfigError(t.key(raw), "a virtual domain must not also be in local.domains")
+        table = t.table(raw)
+        entries: dict[str, tuple[str, ...]] = {}
+        for key in list(table.data):
+            targets = table.strs(key, [])
+            if not targets:
+                raise ConfigError(table.key(key), "expected at least one target")
+            entries[key.lower()] = _check_targets(table.key(key), targets, names)
+        out[domain] = entries
+    return out
+
+
+def _forward(t: _Table, users: Mapping[str, User], names: set[str]) -> dict[str, Forward]:
+    out: dict[str, Forward] = {}
+    for raw in list(t.data):
+        name = raw.lower()
+        if name not in users:
+            raise ConfigError(t.key(raw), "forwarding is set for users only; no such user")
+        value = t.get(raw, None)
+        if isinstance(value, list | str):
+            value = {"to": value}
+        f = _Table(value, t.key(raw))
+        to = f.strs("to", [])
+        if not to:
+            raise ConfigError(f.key("to"), "expected at least one address")
+        out[name] = Forward(name, _check_targets(f.key("to"), to, names), f.bool("keep_copy", False))
+        f.finish()
+    return out
+
+
+def _lists(t: _Table, local: LocalConfig, virtual: Mapping[str, object], names: set[str],
+           base: Path) -> dict[str, MailingList]:
+    out: dict[str, MailingList] = {}
+    for raw in list(t.data):
+        name = raw.lower()
+        lt = t.table(raw)
+        address = lt.str("address", f"{name}@{local.primary_domain}").strip().lower()
+        local_part, at, domain = address.rpartition("@")
+        if not at or not local_part or (domain not in local.domains and domain not in virtual):
+            raise ConfigError(lt.key("address"), f"expected an address in one of our domains, got {address!r}")
+        if local_part in names and domain in local.domains:
+            raise ConfigError(lt.key("address"), f"{address!r} is also a user or alias")
+        members_file = lt.str("members_file", "")
+        policy = lt.str("policy", "open", ("open", "members", "announce"))
+        posters = lt.strs("posters", [])
+        if policy == "announce" and not posters:
+            raise ConfigError(lt.key("posters"), "an announce list needs at least one poster")
+        bounce = lt.str("bounce_address", f"{local_part}-bounces@{domain}").strip().lower()
+        out[name] = MailingList(
+            name=name,
+            address=address,
+            members=_check_targets(lt.key("members"), lt.strs("members", []), names),
+            members_file=(base / members_file).resolve() if members_file else None,
+            policy=policy,
+            posters=tuple(p.strip().lower() for p in posters),
+            owner=_check_targets(lt.key("owner"), lt.strs("owner", ["postmaster"]) or ["postmaster"],
+                                 names | {"postmaster"}),
+            bounce_address=bounce,
+            list_id=lt.str("list_id", f"{local_part}.{domain}"),
+        )
+        lt.finish()
+    return out
+
+
+def _masquerade(t: _Table) -> Masquerade:
+    domains = tuple(_domain(d, t.key("domains")) for d in t.strs("domains", []))
+    m = Masquerade(domains, frozenset(e.lower() for e in t.strs("exceptions", [])))
+    t.finish()
+    return m
 
 
 def _queue(t: _Table) -> QueueConfig:
@@ -385,6 +518,20 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     local = _local(top.table("local"), base)
     users = _users(top.table("users"), local, base)
     aliases, warnings = _aliases(top.table("aliases"), users)
+    names = set(users) | set(aliases)
+    virtual = _virtual(top.table("virtual"), local, names)
+    forward = _forward(top.table("forward"), users, names)
+    lists = _lists(top.table("lists"), local, virtual, names, base)
+    list_addresses: dict[str, tuple[MailingList, str]] = {}
+    for lst in lists.values():
+        local_part, _, domain = lst.address.rpartition("@")
+        for address, role in ((lst.address, "post"), (lst.bounce_address, "owner"),
+                              (f"{local_part}-owner@{domain}", "owner"), (lst.request_address, "owner")):
+            list_addresses.setdefault(address, (lst, role))
+    masquerade = _masquerade(top.table("masquerade"))
+    if "postmaster" not in names:
+        warnings.append("aliases.postmaster: not defined; postmaster@ goes to the first user"
+                        if users else "users: none defined; postmaster@ cannot be delivered")
     queue = _queue(top.table("queue"))
     dns = _dns(top.table("dns"))
     remote = _remote(top.table("remote"))
@@ -397,6 +544,11 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         local=local,
         users=MappingProxyType(users),
         aliases=MappingProxyType(aliases),
+        virtual=MappingProxyType({d: MappingProxyType(t) for d, t in virtual.items()}),
+        forward=MappingProxyType(forward),
+        lists=MappingProxyType(lists),
+        list_addresses=MappingProxyType(list_addresses),
+        masquerade=masquerade,
         queue=queue,
         dns=dns,
         remote=remote,

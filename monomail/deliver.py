@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -34,9 +35,10 @@ from . import mailstore
 from .config import Config
 from .envelope import Address, Envelope, Outcome, Status
 from .errors import Reply, RouteError
-from .message import delivery_headers
+from .message import delivery_headers, header_block
 from .remote import Transport
-from .router import Destination, Mailbox, Remote, resolve
+from .rewrite import forward_sender, masquerade_address, masquerade_headers
+from .router import Destination, Mailbox, Remote, Tables, resolve
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")
 MAILBOX_BUSY = Reply(450, "4.2.0", "Mailbox busy, try again later")
@@ -44,6 +46,8 @@ NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 QUOTA = Reply(452, "4.2.2", "Mailbox full")
 LOCAL_FAILURE = Reply(451, "4.3.0", "Local delivery failed, will retry")
 NO_REMOTE = Reply(451, "4.4.0", "Remote delivery not available, will retry")
+LIST_LOOP = Reply(250, "2.0.0", "Dropped: the message already went through this list")
+_LIST_ID = re.compile(rb"^List-Id:[^\n]*<([^>\n]+)>", re.IGNORECASE | re.MULTILINE)
 
 log = logging.getLogger("monomail.deliver")
 
@@ -75,13 +79,26 @@ class _MboxBatch:
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
 
+def _list_ids(data: bytes) -> set[str]:
+    """List-Id values in the message's header section (the list loop guard)."""
+    if b"List-Id" not in data and b"list-id" not in data.lower()[:65536]:
+        return set()
+    return {m.decode("ascii", "replace").lower() for m in _LIST_ID.findall(header_block(data))}
+
+
+def _header_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
+    return "".join(f"{k}: {v}\n" for k, v in headers).encode("utf-8")
+
+
 class Deliverer:
     """Delivers messages; owns the mbox group-commit state. One per process."""
 
-    def __init__(self, config: Config, executor: Executor, transport: Transport | None = None) -> None:
+    def __init__(self, config: Config, executor: Executor, transport: Transport | None = None,
+                 tables: Tables | None = None) -> None:
         self.config = config
         self.executor = executor
         self.transport = transport
+        self.tables = tables
         self._mbox_pending: dict[Path, _MboxBatch] = {}
         self._mbox_writing: set[Path] = set()
 
@@ -101,7 +118,7 @@ class Deliverer:
         jobs: dict[str, Destination] = {}
         for rcpt in recipients:
             try:
-                dests = resolve(Address.from_str(rcpt), self.config)
+                dests = resolve(Address.from_str(rcpt), self.config, self.tables)
             except RouteError as exc:
                 refused[rcpt] = exc
                 continue
@@ -132,39 +149,60 @@ class Deliverer:
 
     async def _run(self, jobs: dict[str, Destination], env: Envelope, data: bytes) -> dict[str, _Result]:
         """Run every transport job at once; a result per destination key."""
-        local = [d for d in jobs.values() if isinstance(d, Mailbox)]
-        remote: dict[str, list[Remote]] = {}
+        looped = _list_ids(data)
+        results: dict[str, _Result] = {}
+        work = []
+        remote: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Remote]] = {}
         for d in jobs.values():
-            if isinstance(d, Remote):
-                remote.setdefault(d.domain, []).append(d)
-        work = [self._local(d, env, data) for d in local]
-        work += [self._remote(domain, dests, env, data) for domain, dests in remote.items()]
+            if d.via.list_id and d.via.list_id in looped:  # a list never sends back into itself
+                results[d.key] = _Result(LIST_LOOP, f"dropped: message already went through list {d.via.list_id}")
+            elif isinstance(d, Mailbox):
+                work.append(self._local(d, env, data))
+            else:
+                remote.setdefault((d.domain, self._outbound_sender(d, env), d.via.headers), []).append(d)
+        work += [self._remote(domain, sender, headers, dests, env, data)
+                 for (domain, sender, headers), dests in remote.items()]
         if len(work) == 1:  # the common case, without gather's tasks
             batches = [await work[0]]
         else:
             batches = await asyncio.gather(*work)
-        return {key: result for batch in batches for key, result in batch}
+        results.update((key, result) for batch in batches for key, result in batch)
+        return results
+
+    def _outbound_sender(self, dest: Remote, env: Envelope) -> str:
+        """The envelope sender for a copy leaving the host: list bounce address, forwarding
+        rewrite, then masquerading (``rewrite``)."""
+        sender = env.sender if dest.via.sender is None else dest.via.sender
+        if dest.via.forwarder:
+            sender = forward_sender(sender, dest.via.forwarder, self.config)
+        return masquerade_address(sender, self.config.masquerade) if sender else sender
 
     async def _local(self, dest: Mailbox, env: Envelope, data: bytes) -> list[tuple[str, _Result]]:
         where = f"{dest.format} {dest.path}"
-        chunks = [delivery_headers(env.sender, dest.address), data]
+        sender = env.sender if dest.via.sender is None else dest.via.sender
+        chunks = [delivery_headers(sender, dest.address) + _header_lines(dest.via.headers), data]
         try:
             if dest.format == "maildir":
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self.executor, mailstore.deliver_maildir, dest.path, chunks)
             else:
                 chunks[1] = mailstore.mbox_quote(data)
-                await self._mbox(dest.path, (env.sender, env.received_at, chunks))
+                await self._mbox(dest.path, (sender, env.received_at, chunks))
         except Exception as exc:  # every local transport error is temporary
             return [(dest.key, _Result(classify(exc), f"{where}: {type(exc).__name__}: {exc}"))]
         return [(dest.key, _Result(DELIVERED, where))]
 
-    async def _remote(self, domain: str, dests: list[Remote], env: Envelope, data: bytes) -> list[tuple[str, _Result]]:
+    async def _remote(self, domain: str, sender: str, headers: tuple[tuple[str, str], ...], dests: list[Remote],
+                      env: Envelope, data: bytes) -> list[tuple[str, _Result]]:
         if self.transport is None:
             return [(d.key, _Result(NO_REMOTE, "no remote transport")) for d in dests]
         by_address = {d.address: d for d in dests}
+        if self.config.masquerade.domains:
+            data = masquerade_headers(data, self.config.masquerade)
+        if headers:
+            data = _header_lines(headers) + data
         try:
-            results = await self.transport.send(env.sender, domain, list(by_address), data, env.smtputf8)
+            results = await self.transport.send(sender, domain, list(by_address), data, env.smtputf8)
         except Exception as exc:  # unclassified: temporary (DESIGN invariant 2)
             log.exception("remote delivery to %s crashed", domain)
             return [(d.key, _Result(LOCAL_FAILURE, f"remote {domain}: {exc!r}")) for d in dests]

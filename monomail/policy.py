@@ -20,7 +20,7 @@ import ipaddress
 from .config import Config
 from .envelope import Address
 from .errors import RouteError
-from .router import RELAY_DENIED, Destination, is_local_domain, resolve
+from .router import RELAY_DENIED, Destination, Tables, is_our_domain, resolve
 
 
 def is_trusted(peer_ip: str, config: Config) -> bool:
@@ -33,8 +33,12 @@ def is_trusted(peer_ip: str, config: Config) -> bool:
     return any(ip in net for net in config.server.trusted_networks)
 
 
-def check_recipient(address: Address, config: Config, *, trusted: bool) -> tuple[Destination, ...]:
-    """The destinations for an accepted recipient, or `RouteError` with the refusal."""
-    if not is_local_domain(address.domain, config) and not trusted:
+def check_recipient(address: Address, config: Config, *, trusted: bool, sender: str | None = None,
+                    tables: Tables | None = None) -> tuple[Destination, ...]:
+    """The destinations for an accepted recipient, or `RouteError` with the refusal.
+
+    ``sender`` (the MAIL FROM address, "" for <>) lets a list refuse a poster here, at
+    RCPT time, instead of bouncing later."""
+    if not is_our_domain(address.domain, config) and not trusted:
         raise RouteError(RELAY_DENIED, f"relay to {address} from untrusted client")
-    return resolve(address, config)
+    return resolve(address, config, tables, sender)

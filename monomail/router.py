@@ -1,15 +1,31 @@
-"""Routing: which destinations one recipient address stands for.
+"""Routing: which destinations one recipient address stands for, and why.
 
-Job: a pure function of an `Address` and the `Config`: expand aliases (nested, with loop
-detection), strip a ``recipient_delimiter`` tag, match users case-insensitively, and
-return the final destinations: a local `Mailbox`, or a `Remote` address for mail that
-leaves the host. No I/O, no clock.
+Job: a pure function of an `Address` and the `Config` (plus a `Tables` lookup for the
+two things that live in files: list members files and users' ``.forward`` files). It
+builds the tree of expansions — list, virtual table entry, alias, forward rule, user —
+each node naming the config key it came from (`expand`, what ``monomail route``
+prints), and flattens it into the final destinations (`resolve`): a local `Mailbox`,
+or a `Remote` address for mail that leaves the host. No other I/O, no clock.
 
-Lookup order for a local part, as Postfix's local(8) does it: the full local part as an
-alias, then as a user; then, if it carries a tag (``alice+news``), the part before the
-delimiter as an alias, then as a user. An alias target that names the alias itself and
-is also a user (``alice = ["alice", "x@remote"]``) delivers to that user, as in
-/etc/aliases; any other cycle is an alias loop (550 5.4.6, RFC 3463 "routing loop").
+Lookup order for ``local@domain``:
+
+1. a list address (``[lists.X] address``) or one of its ``-owner``, ``-request``,
+   ``-bounces`` addresses (→ the list's ``owner``);
+2. in a virtual domain: the ``[virtual."domain"]`` entry for the local part, then for
+   the part before a ``recipient_delimiter`` tag, then the catch-all ``"*"``;
+   ``postmaster`` falls back to the local postmaster (RFC 5321 §4.5.1);
+3. in a local domain, as Postfix's local(8): the local part as an alias, then as a
+   user; then the same for the part before the tag. A user with a ``[forward]`` rule
+   (or, when ``local.allow_dot_forward`` is on, a ``.forward`` file) is forwarded;
+   ``keep_copy`` keeps a copy in the mailbox. ``postmaster`` with no alias or user of
+   that name goes to the first user;
+4. any other domain: `Remote`.
+
+An alias target that names the alias itself and is also a user (``alice = ["alice",
+"x@remote"]``) delivers to that user, as in /etc/aliases; a forward to oneself
+likewise. Any other cycle is a loop (550 5.4.6). A list's members inherit the list's
+envelope sender (its bounce address) and List-* headers (RFC 2369/2919); a forward's
+remote targets are marked so delivery can rewrite an unsafe envelope sender.
 
 Security stance (DESIGN invariants 3 and 4): a local part is only ever a key into the
 configured tables; paths come from config. A local part that carries another address
@@ -18,10 +34,12 @@ configured tables; paths come from config. A local part that carries another add
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
-from .config import Config
+from .config import Config, MailingList, User
 from .envelope import Address
 from .errors import Reply, RouteError
 
@@ -30,6 +48,17 @@ MAX_DEPTH = 20
 UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 ALIAS_LOOP = Reply(550, "5.4.6", "Alias loop detected")
+NOT_A_POSTER = Reply(550, "5.7.1", "You are not allowed to post to this list")
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """What the expansion path adds to a destination."""
+
+    sender: str | None = None  # envelope sender to use instead of the original (list bounces)
+    forwarder: str = ""  # the user whose forward rule led here (sender rewriting)
+    list_id: str = ""  # the list this copy goes out for (loop guard)
+    headers: tuple[tuple[str, str], ...] = ()  # header fields to add (List-*)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +69,7 @@ class Mailbox:
     path: Path
     format: str  # "maildir" | "mbox"
     address: str  # the address that led here, for Delivered-To
+    via: Via = Via()
 
     @property
     def key(self) -> str:
@@ -52,6 +82,7 @@ class Remote:
 
     address: str
     domain: str
+    via: Via = Via()
 
     @property
     def key(self) -> str:
@@ -61,66 +92,218 @@ class Remote:
 Destination = Mailbox | Remote
 
 
+class Tables(Protocol):
+    """Lookups that live in files; ``tables.FileTables`` reads them, re-reading on change."""
+
+    def list_members(self, lst: MailingList) -> tuple[str, ...]: ...
+
+    def dot_forward(self, user: User) -> tuple[tuple[str, ...], bool] | None: ...
+
+
+class ConfigTables:
+    """Inline config only: no members files, no ``.forward`` files."""
+
+    def list_members(self, lst: MailingList) -> tuple[str, ...]:
+        return lst.members
+
+    def dot_forward(self, user: User) -> tuple[tuple[str, ...], bool] | None:
+        return None
+
+
+@dataclass
+class Node:
+    """One step of an expansion, for ``monomail route``."""
+
+    address: str
+    rule: str  # what matched: "alias team", "user alice", "list dev", ...
+    key: str = ""  # the config key it came from
+    children: list[Node] = field(default_factory=list)
+    dest: Destination | None = None
+    error: RouteError | None = None
+    members: bool = False  # a list's member expansions hang below this node
+
+    def walk(self) -> Iterator[Node]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+def is_our_domain(domain: str, config: Config) -> bool:
+    return domain == "" or domain in config.local.domains or domain in config.virtual
+
+
 def is_local_domain(domain: str, config: Config) -> bool:
-    return domain == "" or domain in config.local.domains
+    return is_our_domain(domain, config)
 
 
-def _smuggles(local: str) -> bool:
-    return any(c in local for c in "%!@")
-
-
-def resolve(address: Address, config: Config) -> tuple[Destination, ...]:
+def resolve(address: Address, config: Config, tables: Tables | None = None,
+            sender: str | None = None) -> tuple[Destination, ...]:
     """All final destinations for ``address``, duplicates removed, in order.
 
-    Raises `RouteError` with the reply for an unknown user, a loop or a relay attempt.
+    Raises `RouteError` with the reply for an unknown user, a loop, a relay attempt or
+    a poster the list refuses (checked when ``sender`` is given). A failing member of a
+    list does not fail the list.
     """
-    if not is_local_domain(address.domain, config):
-        return (Remote(str(address), address.domain),)
     out: dict[str, Destination] = {}
-    _expand_local(address, config, (), out, 0)
+    _collect(expand(address, config, tables, sender), out, False)
     return tuple(out.values())
 
 
-def _expand_local(
-    address: Address, config: Config, chain: tuple[str, ...], out: dict[str, Destination], depth: int
-) -> None:
-    if depth > MAX_DEPTH:
-        raise RouteError(ALIAS_LOOP, f"alias nesting deeper than {MAX_DEPTH} at {address}")
-    local = address.local
-    if _smuggles(local):
-        raise RouteError(RELAY_DENIED, f"local part carries another address: {address}")
-    shown = str(address) if address.domain else f"{address}@{config.local.primary_domain}"
-    for name in _candidates(local.lower(), config.local.recipient_delimiter):
-        if name in config.aliases:
-            if name in chain:
-                if name in config.users:
-                    _add(out, _mailbox(name, shown, config))
-                    return
-                raise RouteError(ALIAS_LOOP, f"alias loop: {' -> '.join((*chain, name))}")
-            for target in config.aliases[name]:
-                _expand_target(target, config, (*chain, name), out, depth + 1)
+def _collect(node: Node, out: dict[str, Destination], under_list: bool) -> None:
+    if node.error:
+        if under_list:  # one bad member does not fail the whole list
             return
-        if name in config.users:
-            _add(out, _mailbox(name, shown, config))
-            return
-    raise RouteError(UNKNOWN_USER, f"unknown local user {address}")
+        raise node.error
+    if node.dest is not None:
+        out.setdefault(node.dest.key, node.dest)
+    for child in node.children:
+        _collect(child, out, under_list or node.members)
 
 
-def _expand_target(
-    target: str, config: Config, chain: tuple[str, ...], out: dict[str, Destination], depth: int
-) -> None:
-    if "@" in target:
-        addr = Address.from_str(target)
-        if not is_local_domain(addr.domain, config):
-            _add(out, Remote(str(addr), addr.domain))
-            return
-    else:
-        addr = Address(target, "")
-    if chain and addr.local.lower() == chain[-1] and addr.local.lower() in config.users:
-        # alice = ["alice", ...]: deliver to the user of that name, not back into the alias.
-        _add(out, _mailbox(addr.local.lower(), str(addr) if addr.domain else addr.local, config))
-        return
-    _expand_local(addr, config, chain, out, depth)
+def expand(address: Address, config: Config, tables: Tables | None = None,
+           sender: str | None = None) -> Node:
+    """The expansion tree of ``address`` (errors recorded in nodes, never raised)."""
+    r = _Router(config, tables or ConfigTables(), sender)
+    return r.address(address, Via(), (), 0)
+
+
+class _Router:
+    def __init__(self, config: Config, tables: Tables, sender: str | None) -> None:
+        self.c = config
+        self.t = tables
+        self.sender = sender.lower() if sender is not None else None
+
+    def full(self, a: Address) -> str:
+        return f"{a.local}@{a.domain or self.c.local.primary_domain}"
+
+    def address(self, a: Address, via: Via, chain: tuple[str, ...], depth: int) -> Node:
+        shown = self.full(a)
+        if depth > MAX_DEPTH:
+            return Node(shown, "too deep", error=RouteError(ALIAS_LOOP, f"nesting deeper than {MAX_DEPTH} at {shown}"))
+        if not is_our_domain(a.domain, self.c):
+            return Node(shown, f"remote {a.domain}", dest=Remote(str(a), a.domain, via))
+        if any(c in a.local for c in "%!@"):
+            return Node(shown, "refused", error=RouteError(RELAY_DENIED, f"local part carries another address: {a}"))
+        domain = a.domain or self.c.local.primary_domain
+        lowered = f"{a.local.lower()}@{domain}"
+        listed = self.c.list_addresses.get(lowered) or self.c.list_addresses.get(self._untagged(lowered))
+        if listed:
+            return self.list_(listed[0], listed[1], shown, via, chain, depth)
+        if domain in self.c.virtual:
+            return self.virtual(a, domain, shown, via, chain, depth)
+        return self.local(a.local.lower(), shown, via, chain, depth)
+
+    def _untagged(self, lowered: str) -> str:
+        local, _, domain = lowered.rpartition("@")
+        names = _candidates(local, self.c.local.recipient_delimiter)
+        return f"{names[-1]}@{domain}"
+
+    def list_(self, lst: MailingList, role: str, shown: str, via: Via, chain: tuple[str, ...], depth: int) -> Node:
+        key = f"lists.{lst.name}"
+        if role == "owner":
+            node = Node(shown, f"list {lst.name} owner", f"{key}.owner")
+            for target in lst.owner:
+                node.children.append(self.target(target, via, chain, depth + 1))
+            return node
+        if key in chain:
+            return Node(shown, f"list {lst.name}", key, error=RouteError(ALIAS_LOOP, f"list loop at {shown}"))
+        members = self.t.list_members(lst)
+        refusal = self.may_post(lst, members)
+        if refusal:
+            return Node(shown, f"list {lst.name}", key, error=refusal)
+        local, _, domain = lst.address.rpartition("@")
+        headers = (
+            ("List-Id", f"<{lst.list_id}>"),
+            ("List-Post", f"<mailto:{lst.address}>" if lst.policy != "announce" else "NO"),
+            ("List-Unsubscribe", f"<mailto:{lst.request_address}?subject=unsubscribe>"),
+            ("List-Help", f"<mailto:{lst.request_address}?subject=help>"),
+            ("Precedence", "list"),
+        )
+        inner = Via(sender=lst.bounce_address, list_id=lst.list_id, headers=headers)
+        node = Node(shown, f"list {lst.name} ({len(members)} members, envelope sender <{lst.bounce_address}>)",
+                    f"{key}.members" + (" + members_file" if lst.members_file else ""), members=True)
+        for member in members:
+            node.children.append(self.target(member, inner, (*chain, key), depth + 1))
+        return node
+
+    def may_post(self, lst: MailingList, members: tuple[str, ...]) -> RouteError | None:
+        if self.sender is None or lst.policy == "open":
+            return None
+        allowed = lst.posters if lst.policy == "announce" else members
+        wanted = {m.lower() if "@" in m else f"{m.lower()}@{self.c.local.primary_domain}" for m in allowed}
+        if self.sender in wanted:
+            return None
+        return RouteError(NOT_A_POSTER, f"<{self.sender}> may not post to {lst.address} (policy {lst.policy})")
+
+    def virtual(self, a: Address, domain: str, shown: str, via: Via, chain: tuple[str, ...], depth: int) -> Node:
+        table = self.c.virtual[domain]
+        for name in [*_candidates(a.local.lower(), self.c.local.recipient_delimiter), "*"]:
+            if name in table:
+                key = f'virtual."{domain}".' + (f'"{name}"' if name == "*" else name)
+                node = Node(shown, f"virtual {domain} {'catch-all' if name == '*' else name}", key)
+                for target in table[name]:
+                    node.children.append(self.target(target, via, chain, depth + 1))
+                return node
+        if a.local.lower() == "postmaster":
+            node = Node(shown, f"virtual {domain} postmaster", "(RFC 5321 4.5.1)")
+            node.children.append(self.local("postmaster", f"postmaster@{self.c.local.primary_domain}",
+                                             via, chain, depth + 1))
+            return node
+        return Node(shown, f"virtual {domain}", f'virtual."{domain}"',
+                    error=RouteError(UNKNOWN_USER, f"no entry for {shown} in virtual.{domain}"))
+
+    def target(self, target: str, via: Via, chain: tuple[str, ...], depth: int) -> Node:
+        a = Address.from_str(target) if "@" in target else Address(target, "")
+        return self.address(a, via, chain, depth)
+
+    def local(self, local: str, shown: str, via: Via, chain: tuple[str, ...], depth: int) -> Node:
+        for name in _candidates(local, self.c.local.recipient_delimiter):
+            if name in self.c.aliases:
+                key = f"aliases.{name}"
+                if key in chain:
+                    if name in self.c.users:
+                        return self.user(name, shown, via, chain, depth)
+                    return Node(shown, f"alias {name}", key,
+                                error=RouteError(ALIAS_LOOP, f"alias loop: {' -> '.join((*chain, key))}"))
+                node = Node(shown, f"alias {name}", key)
+                for target in self.c.aliases[name]:
+                    child_chain = (*chain, key)
+                    if target.lower() == name and name in self.c.users:  # alice = ["alice", ...]
+                        node.children.append(self.mailbox(name, shown, via))
+                        continue
+                    node.children.append(self.target(target, via, child_chain, depth + 1))
+                return node
+            if name in self.c.users:
+                return self.user(name, shown, via, chain, depth)
+        if local == "postmaster" and self.c.users:
+            first = next(iter(self.c.users))
+            node = Node(shown, "postmaster (no alias: first user)", "(RFC 5321 4.5.1)")
+            node.children.append(self.user(first, f"{first}@{self.c.local.primary_domain}", via, chain, depth + 1))
+            return node
+        return Node(shown, "unknown", error=RouteError(UNKNOWN_USER, f"unknown local user {shown}"))
+
+    def user(self, name: str, shown: str, via: Via, chain: tuple[str, ...], depth: int) -> Node:
+        key = f"forward.{name}"
+        rule = self.c.forward.get(name)
+        to, keep = (rule.to, rule.keep_copy) if rule else ((), False)
+        if not rule and self.c.local.allow_dot_forward:
+            found = self.t.dot_forward(self.c.users[name])
+            if found:
+                (to, keep), key = found, f"{self.c.users[name].path / '.forward'} (local.allow_dot_forward)"
+        if not to or key in chain:  # no forwarding, or forwarded back to ourselves
+            return self.mailbox(name, shown, via)
+        node = Node(shown, f"forward {name}" + (" (keep a copy)" if keep else ""), key)
+        if keep:
+            node.children.append(self.mailbox(name, shown, via))
+        fwd = replace(via, forwarder=name)
+        for target in to:
+            node.children.append(self.target(target, fwd, (*chain, key), depth + 1))
+        return node
+
+    def mailbox(self, name: str, shown: str, via: Via) -> Node:
+        user = self.c.users[name]
+        dest = Mailbox(user.name, user.path, user.mailbox_format, shown, via)
+        return Node(shown, f"user {name}", f"users.{name}", dest=dest)
 
 
 def _candidates(local: str, delimiters: str) -> list[str]:
@@ -130,14 +313,3 @@ def _candidates(local: str, delimiters: str) -> list[str]:
         if cut > 0:
             names.append(local[:cut])
     return names
-
-
-def _mailbox(name: str, address: str, config: Config) -> Mailbox:
-    user = config.users[name]
-    if "@" not in address:
-        address = f"{address}@{config.local.primary_domain}"
-    return Mailbox(user.name, user.path, user.mailbox_format, address)
-
-
-def _add(out: dict[str, Destination], dest: Destination) -> None:
-    out.setdefault(dest.key, dest)

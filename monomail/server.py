@@ -57,6 +57,7 @@ from .errors import (
 from .message import LINE_TOO_LONG as DATA_LINE_TOO_LONG
 from .message import LOOP, canonicalize, count_received, received_header
 from .queue import Queue, new_id
+from .router import Tables
 
 log = logging.getLogger("monomail.smtp")
 logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
@@ -258,7 +259,8 @@ class Session(SMTP):
                 raise ReplyError(TOO_MANY_RECIPIENTS)
             if not address.domain:
                 address = Address(address.local, cfg.local.primary_domain, address.quoted)
-            policy.check_recipient(address, cfg, trusted=self.session.trusted)
+            policy.check_recipient(address, cfg, trusted=self.session.trusted, sender=env.sender,
+                                   tables=self.mm.tables)
         except ReplyError as exc:
             if isinstance(exc, RouteError):
                 log.info("refused rcpt=<%s> client=[%s]: %s", arg[3:].strip()[:300],
@@ -327,9 +329,10 @@ class Handler:
 class SMTPServer:
     """Listens on every ``server.listen`` address; owns the sessions."""
 
-    def __init__(self, config: Config, queue: Queue) -> None:
+    def __init__(self, config: Config, queue: Queue, tables: Tables | None = None) -> None:
         self.config = config
         self.queue = queue
+        self.tables = tables
         self.handler = Handler(self)
         self.sessions: set[Session] = set()
         self.servers: list[asyncio.AbstractServer] = []
