@@ -151,6 +151,22 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from .explain import run
+    from .tables import FileTables
+
+    config = _load(args.config)
+    report, ok = run(args.addresses, config, FileTables(), args.sender)
+    sys.stdout.write(report)
+    return 0 if ok else 2
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importer import main as import_main
+
+    return import_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monomail", description="A monolithic mail server.")
     parser.add_argument("--version", action="version", version=f"monomail {_version()}")
@@ -162,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", parents=[common], help="check the configuration and exit")
     p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("route", parents=[common], help="show where addresses go (like exim -bt), sending nothing")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.add_argument("--sender", help="show the envelope sender rewrites for mail from this address")
+    p.set_defaults(func=cmd_route)
+    p = sub.add_parser("import", help="translate /etc/aliases, virtusertable and .forward files into TOML",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_import)
     q = sub.add_parser("queue", help="inspect the mail queue")
     qsub = q.add_subparsers(dest="queue_command", required=True)
     p = qsub.add_parser("list", parents=[common], help="list queued messages")

@@ -33,12 +33,12 @@ from pathlib import Path
 
 from . import mailstore
 from .config import Config
-from .envelope import Address, Envelope, Outcome, Status
+from .envelope import Address, Envelope, Outcome, Spawn, Status
 from .errors import Reply, RouteError
 from .message import delivery_headers, header_block
 from .remote import Transport
 from .rewrite import forward_sender, masquerade_address, masquerade_headers
-from .router import Destination, Mailbox, Remote, Tables, resolve
+from .router import Destination, ListPost, Mailbox, Remote, Tables, resolve
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")
 MAILBOX_BUSY = Reply(450, "4.2.0", "Mailbox busy, try again later")
@@ -47,6 +47,7 @@ QUOTA = Reply(452, "4.2.2", "Mailbox full")
 LOCAL_FAILURE = Reply(451, "4.3.0", "Local delivery failed, will retry")
 NO_REMOTE = Reply(451, "4.4.0", "Remote delivery not available, will retry")
 LIST_LOOP = Reply(250, "2.0.0", "Dropped: the message already went through this list")
+LIST_POSTED = Reply(250, "2.0.0", "Posted to the list")
 _LIST_ID = re.compile(rb"^List-Id:[^\n]*<([^>\n]+)>", re.IGNORECASE | re.MULTILINE)
 
 log = logging.getLogger("monomail.deliver")
@@ -71,6 +72,7 @@ class _Result:
     reply: Reply
     detail: str
     host: str = ""
+    spawn: Spawn | None = None
 
 
 @dataclass
@@ -137,14 +139,15 @@ class Deliverer:
             dests = routed[rcpt]
             done = tuple(d.key for d in dests if results[d.key].reply.code < 300)
             failed = [results[d.key] for d in dests if results[d.key].reply.code >= 300]
+            spawned = tuple(r.spawn for r in (results[d.key] for d in dests) if r.spawn is not None)
             if not failed:
                 where = ", ".join(results[d.key].detail for d in dests)
-                outcomes.append(Outcome(rcpt, Status.DELIVERED, DELIVERED, where, done))
+                outcomes.append(Outcome(rcpt, Status.DELIVERED, DELIVERED, where, done, spawned=spawned))
                 continue
             # One answer per original recipient: temporary wins (retry), then permanent.
             worst = next((f for f in failed if f.reply.temporary), failed[0])
             status = Status.TEMPORARY if worst.reply.temporary else Status.PERMANENT
-            outcomes.append(Outcome(rcpt, status, worst.reply, worst.detail, done, worst.host))
+            outcomes.append(Outcome(rcpt, status, worst.reply, worst.detail, done, worst.host, spawned))
         return outcomes
 
     async def _run(self, jobs: dict[str, Destination], env: Envelope, data: bytes) -> dict[str, _Result]:
@@ -156,6 +159,11 @@ class Deliverer:
         for d in jobs.values():
             if d.via.list_id and d.via.list_id in looped:  # a list never sends back into itself
                 results[d.key] = _Result(LIST_LOOP, f"dropped: message already went through list {d.via.list_id}")
+            elif isinstance(d, ListPost):
+                primary = self.config.local.primary_domain
+                members = tuple(m if "@" in m else f"{m}@{primary}" for m in d.members)
+                spawn = Spawn(d.via.sender or "", members, _header_lines(d.via.headers))
+                results[d.key] = _Result(LIST_POSTED, f"list {d.name}: {len(members)} members", spawn=spawn)
             elif isinstance(d, Mailbox):
                 work.append(self._local(d, env, data))
             else:

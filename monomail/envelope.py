@@ -195,6 +195,16 @@ class Status(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Spawn:
+    """A new message a delivery produced: the queue journals it before the recipient that
+    produced it counts as delivered (a mailing list post to its members)."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    prefix: bytes  # header lines to put on top of the original message
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """The result for one recipient. ``reply`` is what a DSN or an SMTP client may see;
     ``detail`` is for the log only."""
@@ -205,6 +215,7 @@ class Outcome:
     detail: str = ""
     finished: tuple[str, ...] = ()  # destination keys delivered (kept across retries)
     remote_host: str = ""  # the remote MTA that answered, for DSNs
+    spawned: tuple[Spawn, ...] = ()  # new messages this delivery made (list posts)
 
     @property
     def done(self) -> bool:

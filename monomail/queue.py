@@ -185,6 +185,12 @@ class Queue:
         outcomes = attempt.result()
         for o in outcomes:
             maillog.outcome(env.id, o)
+        if any(o.spawned for o in outcomes):
+            try:
+                self._schedule_all(await asyncio.to_thread(self._store_spawned, env, data, outcomes, self.clock()))
+            except SpoolError as exc:
+                maillog.problem(env.id, f"list copy not journalled, answering 451: {exc}")
+                return LOCAL_ERROR
         if all(o.status is Status.DELIVERED for o in outcomes):
             return Reply(250, "2.0.0", f"OK delivered as {env.id}")
         if all(o.status is Status.PERMANENT for o in outcomes):
@@ -205,6 +211,20 @@ class Queue:
             maillog.queued(env.id, pending, (due_time(record) or now) - now)
             return Reply(250, "2.0.0", f"OK queued as {env.id}")
         return Reply(250, "2.0.0", f"OK {env.id}, failures reported to the sender")
+
+    def _store_spawned(self, env: Envelope, data: bytes, outcomes: Sequence[Outcome], now: float) -> list[Record]:
+        """Journal the new messages deliveries made (list posts), due now (worker thread)."""
+        new = []
+        for o in outcomes:
+            for spawn in o.spawned:
+                body = spawn.prefix + data
+                child = Envelope(new_id(now), spawn.sender, spawn.recipients, now, env.smtputf8, len(body))
+                record = new_record(child, now)
+                self.spool.store(record, body)
+                log.info("%s: to=<%s> made %s from=<%s> nrcpt=%d", env.id, o.recipient, child.id, spawn.sender,
+                         len(spawn.recipients))
+                new.append(record)
+        return new
 
     def _journal(self, record: Record, data: bytes, now: float) -> list[Record]:
         """First journalling of an accepted message (worker thread): bounce what failed,
@@ -255,6 +275,9 @@ class Queue:
                 log.info("%s: entry was deleted meanwhile", qid)
                 return []
             record = self.spool.load(qid)
+            changed: list[Record] = []
+            if any(o.spawned for o in outcomes):
+                changed = self._store_spawned(envelope_of(record), self.spool.message(qid), outcomes, now)
             by_address = {r["address"]: r for r in record["recipients"]}
             newly_failed = set()
             for o in outcomes:
@@ -275,7 +298,7 @@ class Queue:
                         newly_failed.add(rcpt["address"])
                         log.info("%s: to=<%s> gave up after %.0fs", qid, rcpt["address"], now - record["received_at"])
             data = self.spool.message(qid) if newly_failed or self._warn_due(record, now) else b""
-            changed = self._report(record, data, now, failed_now=newly_failed)
+            changed += self._report(record, data, now, failed_now=newly_failed)
             if any(r["state"] == "pending" for r in record["recipients"]):
                 self.spool.update(record)
             else:

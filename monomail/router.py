@@ -89,7 +89,22 @@ class Remote:
         return f"remote:{self.address.lower()}"
 
 
-Destination = Mailbox | Remote
+@dataclass(frozen=True, slots=True)
+class ListPost:
+    """A post to a mailing list: becomes a new message from the list's bounce address to
+    its members (so member failures bounce to the list, not to the poster)."""
+
+    name: str
+    address: str
+    members: tuple[str, ...]
+    via: Via  # sender = the bounce address, headers = List-*, list_id = the loop guard
+
+    @property
+    def key(self) -> str:
+        return f"list:{self.name}"
+
+
+Destination = Mailbox | Remote | ListPost
 
 
 class Tables(Protocol):
@@ -156,8 +171,10 @@ def _collect(node: Node, out: dict[str, Destination], under_list: bool) -> None:
         raise node.error
     if node.dest is not None:
         out.setdefault(node.dest.key, node.dest)
+    if node.members:
+        return  # the members are the recipients of the list's own message (ListPost)
     for child in node.children:
-        _collect(child, out, under_list or node.members)
+        _collect(child, out, under_list)
 
 
 def expand(address: Address, config: Config, tables: Tables | None = None,
@@ -220,8 +237,9 @@ class _Router:
             ("Precedence", "list"),
         )
         inner = Via(sender=lst.bounce_address, list_id=lst.list_id, headers=headers)
+        post = ListPost(lst.name, lst.address, members, inner)
         node = Node(shown, f"list {lst.name} ({len(members)} members, envelope sender <{lst.bounce_address}>)",
-                    f"{key}.members" + (" + members_file" if lst.members_file else ""), members=True)
+                    f"{key}.members" + (" + members_file" if lst.members_file else ""), dest=post, members=True)
         for member in members:
             node.children.append(self.target(member, inner, (*chain, key), depth + 1))
         return node
