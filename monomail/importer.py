@@ -122,7 +122,7 @@ def _strip_comment(line: str) -> str:
     for i, c in enumerate(line):
         if c == '"':
             quoted = not quoted
-        elif c == "#" and not quoted and (i == 0 or line[i - 1].isspace() or not line[:i].strip()):
+        elif c == "#" and not quoted and (i == 0 or line[i - 1].isspace()):
             return line[:i]
     return line
 
@@ -130,20 +130,25 @@ def _strip_comment(line: str) -> str:
 def _split_commas(text: str) -> list[tuple[str, int]]:
     """Comma-separated items outside quotes, stripped, each with the offset where it starts."""
     items: list[tuple[str, int]] = []
+
+    def flush(start: int, end: int) -> None:
+        item = text[start:end]
+        if item.strip():
+            items.append((item.strip(), start + len(item) - len(item.lstrip())))
+
     start, quoted, i = 0, False, 0
-    while i <= len(text):
-        c = text[i] if i < len(text) else ","
+    while i < len(text):
+        c = text[i]
         if quoted and c == "\\":
             i += 2
             continue
         if c == '"':
             quoted = not quoted
         elif c == "," and not quoted:
-            item = text[start:i]
-            if item.strip():
-                items.append((item.strip(), start + len(item) - len(item.lstrip())))
+            flush(start, i)
             start = i + 1
         i += 1
+    flush(start, len(text))
     return items
 
 
@@ -163,7 +168,7 @@ def _words(item: str) -> list[tuple[str, str]]:
         raw = m.group()
         value = raw
         if len(raw) >= 2 and raw.startswith('"') and raw.endswith('"'):
-            value = re.sub(r"\\(.)", r"\1", raw[1:-1]).strip()
+            value = raw = re.sub(r"\\(.)", r"\1", raw[1:-1]).strip()
         words.append((raw, value))
     return words
 
@@ -347,7 +352,7 @@ class _Importer:
                 note = f"; mail for {key}@{domain} will reach the catch-all of {domain}" \
                     if key != "*" and domain in catch_alls else ""
                 self.report(where, f"{shown} {_ERROR}{note}")
-            elif "*" in key or "+" in key and key.endswith("+"):
+            elif "*" in key and key != "*":
                 self.report(where, f"{shown} (+detail key) not translated")
             elif _SUBSTITUTION.search(target):
                 self.report(where, f"{shown} (%n substitution) not translated")
@@ -362,7 +367,7 @@ class _Importer:
 
     def parse_forward(self, user: str, path: Path) -> None:
         lines = self.read(path)
-        self.sources.append(f".forward      {user}: {path}")
+        self.sources.append(f".forward       {user}: {path}")
         where = self.loc(path)
         name = user.lower()
         if not _USER_NAME.match(name):
@@ -394,20 +399,15 @@ class _Importer:
             if not t.local:
                 return _Resolved(t.value, t, None)
             name = t.value
-            if name in self.aliases:
-                if name == owner:  # alice: \alice, alice@remote: the login account alice
-                    if add_user(name, t):
-                        return _Resolved(name, t, None)
-                elif t.noexpand:
+            if name in self.aliases and name != owner:
+                if t.noexpand:
                     self.report(t.where, f"{_show(t.raw)}: {name} is also an alias, which monomail expands "
                                          f"(sendmail delivers to the mailbox of user {name})")
-                    return _Resolved(name, t, name)
-                else:
-                    return _Resolved(name, t, name)
-            elif add_user(name, t):
+                return _Resolved(name, t, name)
+            if add_user(name, t):  # a login account; or alice: \alice, ...: the account alice
                 return _Resolved(name, t, None)
             base, plus, _ = name.partition("+")
-            if plus and (base in self.aliases or add_user(base, t)):
+            if name != owner and plus and (base in self.aliases or add_user(base, t)):
                 return _Resolved(f"{name}@{self.domain}", t, base if base in self.aliases else None)
             self.report(t.where, f"{_show(t.raw)} is not a valid user name (letters, digits, '.', '_', '-'); "
                                  "left out")
@@ -560,7 +560,7 @@ def main(argv: Sequence[str]) -> int:
                          forwards=args.forward, domain=args.domain)
     except OSError as exc:
         reason = "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc))
-        print(f"monomail import: {exc.filename}: {reason}", file=sys.stderr)
+        print(f"monomail import: {exc.filename or 'input file'}: {reason}", file=sys.stderr)
         return 2
     sys.stdout.write(result.toml)
     for line in result.report:
