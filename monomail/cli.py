@@ -161,12 +161,6 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0 if ok else 2
 
 
-def cmd_import(args: argparse.Namespace) -> int:
-    from .importer import main as import_main
-
-    return import_main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monomail", description="A monolithic mail server.")
     parser.add_argument("--version", action="version", version=f"monomail {_version()}")
@@ -182,10 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p.add_argument("--sender", help="show the envelope sender rewrites for mail from this address")
     p.set_defaults(func=cmd_route)
-    p = sub.add_parser("import", help="translate /etc/aliases, virtusertable and .forward files into TOML",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_import)
+    sub.add_parser("import", help="translate /etc/aliases, virtusertable and .forward files into TOML "
+                                  "(see monomail import --help)")
     q = sub.add_parser("queue", help="inspect the mail queue")
     qsub = q.add_subparsers(dest="queue_command", required=True)
     p = qsub.add_parser("list", parents=[common], help="list queued messages")
@@ -206,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["import"]:  # its own parser: argparse cannot hand options through a subparser
+        from .importer import main as import_main
+
+        return import_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

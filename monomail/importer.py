@@ -18,19 +18,25 @@ Formats read:
   or more addresses a line, comments allowed; a relative path is relative to the folder
   of the file naming it), ``|command`` or ``/path/file``.
 - sendmail virtusertable, text form (the input of makemap): ``user@domain  target`` and
-  ``@domain  target`` (catch-all), whitespace-separated, ``#`` comments.
+  ``@domain  target`` (catch-all), whitespace-separated, ``#`` comments. Each domain
+  becomes a ``[virtual."domain"]`` table, except the primary domain, which monomail
+  does not allow as a virtual domain: its entries become aliases, replacing an
+  /etc/aliases entry of the same name (sendmail reads the virtusertable first).
 - forward(5): addresses separated by commas or newlines, ``#`` comments; ``\\user``
   (the owner's own name) keeps a copy in the owner's mailbox.
 
+Targets ``user@DOMAIN`` and ``user@localhost`` are written as the bare local name. A
+local target ``name+tag`` becomes ``name+tag@DOMAIN``, which the router delivers to
+``name`` when the recipient delimiter is ``+`` (the default).
+
 Not translated, and reported instead (monomail has no such delivery from its tables):
 pipes to programs, deliveries to files, virtusertable ``error:`` targets (monomail
-refuses unknown addresses by itself), ``%1``-style substitutions and ``+*`` keys, names
-that cannot be monomail user names, missing or unreadable ``:include:`` files, and
-aliases, virtual entries or forwards that are left with no target. ``\\name`` where
-``name`` is also an alias is kept as ``name``, and reported, because monomail always
-expands an alias of that name. A local target written ``name+tag`` becomes
-``name+tag@DOMAIN``, which monomail's router delivers to ``name`` when the
-recipient delimiter is ``+`` (the default).
+refuses unknown addresses by itself), ``%1``-style substitutions, ``+*`` keys, a
+catch-all for the primary domain, names that cannot be monomail user names, missing or
+unreadable ``:include:`` files, lines that do not parse, duplicate definitions (the
+first is kept), and aliases, virtual entries or forwards left with no target. A
+``\\name`` target where ``name`` is also an alias is kept as ``name`` and reported:
+monomail always expands an alias of that name.
 
 Not here: installing the result (the admin merges it into monomail.toml and runs
 ``monomail check-config``), login accounts that no input file names, and the CLI wiring
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -160,6 +167,7 @@ def _words(item: str) -> list[tuple[str, str]]:
     """
     if item.startswith("|") or item.lower().startswith(":include:"):
         return [(item, item)]
+    item = _drop_comments(item)
     if "<" in item and item.endswith(">") and not item.startswith('"'):
         inner = item[item.rindex("<") + 1 : -1].strip()
         return [(item, inner)] if inner else []
@@ -171,6 +179,23 @@ def _words(item: str) -> list[tuple[str, str]]:
             value = raw = re.sub(r"\\(.)", r"\1", raw[1:-1]).strip()
         words.append((raw, value))
     return words
+
+
+def _drop_comments(item: str) -> str:
+    """``alice (Alice Smith)`` without its RFC 5322 comment (outside quotes)."""
+    out, depth, quoted = [], 0, False
+    for c in item:
+        if c == '"' and not depth:
+            quoted = not quoted
+        elif not quoted and c == "(":
+            depth += 1
+            continue
+        elif not quoted and c == ")" and depth:
+            depth -= 1
+            continue
+        if not depth:
+            out.append(c)
+    return "".join(out).strip()
 
 
 def _toml_str(value: str) -> str:
@@ -261,10 +286,10 @@ class _Importer:
         if not spec:
             self.report(where, f"{_show(raw)} names no file; left out")
             return []
-        path = Path(spec) if Path(spec).is_absolute() else base / spec
+        path = Path(os.path.normpath(base / spec))
         key = path.resolve()
         if key in stack or len(stack) > _MAX_INCLUDE_DEPTH:
-            self.report(where, f"{_show(raw)} includes itself; left out")
+            self.report(where, f"{_show(raw)} includes itself (or nests too deep); left out")
             return []
         try:
             lines = self.read(path)
@@ -343,9 +368,12 @@ class _Importer:
                 self.report(where, f"not understood (expected \"user@domain target\" or \"@domain target\"): "
                                    f"{_show(text)}")
                 continue
-            self.virtual_where.setdefault(domain, where)
+            if domain != self.domain:
+                self.virtual_where.setdefault(domain, where)
             entries.append((where, local.lower() or "*", domain, parts[1].strip()))
-        catch_alls = {d for _, k, d, t in entries if k == "*" and not t.lower().startswith("error:")}
+        catch_alls = {d for _, k, d, t in entries
+                      if k == "*" and d != self.domain and not t.lower().startswith("error:")}
+        seen: dict[tuple[str, str], _Loc] = {}
         for where, key, domain, target in entries:
             shown = f"{_show(key + '@' + domain if key != '*' else '@' + domain)} -> {_show(target)}"
             if target.lower().startswith("error:"):
@@ -358,12 +386,26 @@ class _Importer:
                 self.report(where, f"{shown} (%n substitution) not translated")
             elif any(c.isspace() for c in target):
                 self.report(where, f"{shown}: a target with spaces is not understood; left out")
-            elif key in self.virtual.get(domain, {}):
-                self.report(where, f"{shown}: {key}@{domain} defined again; this line left out")
+            elif (key, domain) in seen:
+                self.report(where, f"{shown}: {key}@{domain} defined again (first at line "
+                                   f"{seen[key, domain].line}); this line left out")
+            elif domain == self.domain and key == "*":
+                self.report(where, f"{shown}: a catch-all for the local domain not translated "
+                                   "(monomail refuses unknown local names)")
             else:
-                translated = self.expand(target, where, path.parent, ())
-                if translated:
+                seen[key, domain] = where
+                translated = self.expand(target, where, path.parent, ())[:1]
+                if not translated:
+                    continue
+                if domain != self.domain:
                     self.virtual.setdefault(domain, {})[key] = translated[0]
+                elif not (translated[0].local and translated[0].value == key):  # not x@ours -> x
+                    # Monomail's local domain has no virtual table: the entry becomes an alias,
+                    # which wins over /etc/aliases as the virtusertable does in sendmail.
+                    if key in self.aliases:
+                        self.report(where, f"{shown} replaces the alias {_show(key)} of "
+                                           f"{self.aliases[key].where} (sendmail reads the virtusertable first)")
+                    self.aliases[key] = _Alias(where, translated)
 
     def parse_forward(self, user: str, path: Path) -> None:
         lines = self.read(path)

@@ -81,13 +81,30 @@ def _parse_forward(text: str, user: str, path: Path) -> tuple[tuple[str, ...], b
     targets: list[str] = []
     keep = False
     for line in text.splitlines():
-        line = line.split("#", 1)[0]
-        for item in line.replace(",", " ").split():
-            item = item.strip().strip('"')
+        for item in _items(line):
             if item.lower() in (f"\\{user}", user):
                 keep = True
             elif item.startswith(("|", "/")):
                 log.warning("%s: %r not supported (pipes and files), ignored", path, item)
+            elif item and not any(c.isspace() for c in item):
+                targets.append(item)
             elif item:
-                targets.append(item if "@" in item or item.isalnum() else item)
+                log.warning("%s: %r is not an address, ignored", path, item)
     return (tuple(targets), keep) if targets else None
+
+
+def _items(line: str) -> list[str]:
+    """Comma- or space-separated items of a .forward line; quotes group, ``#`` starts a comment."""
+    items, current, quoted = [], [], False
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "#" and not quoted:
+            break
+        elif (ch == "," or ch.isspace()) and not quoted:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return [i.strip() for i in items if i.strip()]
