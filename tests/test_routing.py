@@ -132,3 +132,12 @@ def test_canonicalize_rejects_what_can_smuggle():
 
 def test_count_received_counts_headers_only():
     assert count_received(b"Received: a\nreceived: b\nSubject: x\n\nReceived: not a header\n") == 2
+
+
+def test_postmaster_is_always_accepted():
+    cfg = config_mod.parse(base_config(aliases={"team": ["alice"]}), Path("/srv/monomail.toml"))
+    assert any("aliases.postmaster: not defined" in w for w in cfg.warnings)
+    (dest,) = route(cfg, "postmaster@example.test")
+    assert isinstance(dest, Mailbox) and dest.user == next(iter(cfg.users))
+    (dest,) = route(cfg, "PostMaster@localhost")
+    assert isinstance(dest, Mailbox)
