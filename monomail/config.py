@@ -72,6 +72,8 @@ class User:
     name: str
     mailbox_format: str
     path: Path
+    home: Path  # $HOME for recipes: the Maildir folder, or <mail_dir>/.<user> for mbox users
+    recipes: Path  # the user's procmail-style recipe file (default <home>/.procmailrc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,13 @@ class MailingList:
 class Masquerade:
     domains: tuple[str, ...]
     exceptions: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class FiltersConfig:
+    enabled: bool
+    allow_pipes: frozenset[str]
+    pipe_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +168,7 @@ class Config:
     lists: Mapping[str, MailingList]
     list_addresses: Mapping[str, tuple[MailingList, str]]  # address → (list, "post" | "owner")
     masquerade: Masquerade
+    filters: FiltersConfig
     queue: QueueConfig
     dns: DNSConfig
     remote: RemoteConfig
@@ -326,8 +336,17 @@ def _users(t: _Table, local: LocalConfig, base: Path) -> dict[str, User]:
             resolved = (base / path).resolve()
         else:
             raise ConfigError(u.key("path"), f"expected a non-empty string, got {path!r}")
+        home_default = resolved if fmt == "maildir" else resolved.with_name(f".{name}")
+        home = u.get("home", None)
+        home_path = (base / home).resolve() if isinstance(home, str) and home else home_default
+        if home is not None and not (isinstance(home, str) and home):
+            raise ConfigError(u.key("home"), f"expected a non-empty string, got {home!r}")
+        recipes = u.get("recipes", None)
+        if recipes is not None and not (isinstance(recipes, str) and recipes):
+            raise ConfigError(u.key("recipes"), f"expected a non-empty string, got {recipes!r}")
+        recipes_path = (base / recipes).resolve() if recipes else home_path / ".procmailrc"
         u.finish()
-        users[name] = User(name, fmt, resolved)
+        users[name] = User(name, fmt, resolved, home_path, recipes_path)
     return users
 
 
@@ -529,6 +548,13 @@ def parse(data: dict[str, Any], path: Path) -> Config:
                               (f"{local_part}-owner@{domain}", "owner"), (lst.request_address, "owner")):
             list_addresses.setdefault(address, (lst, role))
     masquerade = _masquerade(top.table("masquerade"))
+    ft = top.table("filters")
+    filters = FiltersConfig(ft.bool("enabled", False), frozenset(n.lower() for n in ft.strs("allow_pipes", [])),
+                            ft.duration("pipe_timeout", "30s"))
+    for name in filters.allow_pipes:
+        if name not in users:
+            raise ConfigError(ft.key("allow_pipes"), f"no such user: {name!r}")
+    ft.finish()
     if "postmaster" not in names:
         warnings.append("aliases.postmaster: not defined; postmaster@ goes to the first user"
                         if users else "users: none defined; postmaster@ cannot be delivered")
@@ -549,6 +575,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         lists=MappingProxyType(lists),
         list_addresses=MappingProxyType(list_addresses),
         masquerade=masquerade,
+        filters=filters,
         queue=queue,
         dns=dns,
         remote=remote,

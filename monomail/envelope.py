@@ -202,6 +202,7 @@ class Spawn:
     sender: str
     recipients: tuple[str, ...]
     prefix: bytes  # header lines to put on top of the original message
+    data: bytes | None = None  # the whole new message, when it is not the original (filtered)
 
 
 @dataclass(frozen=True, slots=True)

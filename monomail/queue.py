@@ -217,7 +217,7 @@ class Queue:
         new = []
         for o in outcomes:
             for spawn in o.spawned:
-                body = spawn.prefix + data
+                body = spawn.data if spawn.data is not None else spawn.prefix + data
                 child = Envelope(new_id(now), spawn.sender, spawn.recipients, now, env.smtputf8, len(body))
                 record = new_record(child, now)
                 self.spool.store(record, body)
