@@ -53,69 +53,56 @@ import asyncio
 import collections
 import contextlib
 import json
-import logging
 import os
-import random
 import re
 import resource
-import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import asdict, dataclass, field
-from email.utils import formatdate
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from _common import (
+    EHLO_NAME,
+    ERRORS,
+    SENDER,
+    Client,
+    RunStats,
+    Tally,
+    add_output_options,
+    add_round_options,
+    cpu_seconds,
+    data_payload,
+    finite,
+    free_port,
+    latency_ms,
+    loop_name,
+    new_parser,
+    print_failures,
+    progress,
+    run_benchmark,
+    run_sessions,
+    serve_sink_until_signalled,
+    start_server,
+    stop_server,
+    summary_row,
+    write_monomail_config,
+)
+from _common import message_lines as _message_lines
 
 CLIENT_HOST = "127.0.0.1"  # monomail and the DNS server listen here
 SINK_HOST = "127.0.0.2"  # the "remote" sinks listen here
 SINK_DOMAIN = "sink.test"
 MX_NAME = "mx.sink.test"
-SENDER = "bench-sender@client.example.net"
-EHLO_NAME = "client.example.net"
 MODES = ("reuse", "fresh")
 ROUTES = ("mx", "smarthost")
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 REPLY_TIMEOUT = 60.0  # one SMTP transaction; above monomail's cut_through (30s)
-START_TIMEOUT = 20.0  # seconds a server may take to answer its first banner
 SETTLE_TIMEOUT = 10.0  # after a run, how long the checks wait for late deliveries
 MAX_SHOWN = 8
-
-_TEXT = (
-    "the quarterly report attached below covers revenue forecasts for the northern region and "
-    "includes notes from last week's planning meeting please review the figures before "
-    "thursday so we can agree on the budget for next year also remember that the office "
-    "will be closed on monday for maintenance of the heating system let me know if you "
-    "have questions about the shipment schedule or the new supplier contract we signed"
-)
-_WORDS = tuple(_TEXT.split())
-
-
-def run_loop(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coro`` as monomail does: uvloop when importable, else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
-def loop_name() -> str:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- the sink (runs in a subprocess: ``relay.py --serve-sink PORT``) --------------------
@@ -137,8 +124,6 @@ class CountingSink:
 async def serve_sink(port: int) -> None:
     from aiosmtpd.smtp import SMTP
 
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # as monomail does
-    loop = asyncio.get_running_loop()
     handler = CountingSink()
 
     class SinkSMTP(SMTP):
@@ -146,16 +131,7 @@ async def serve_sink(port: int) -> None:
             """Benchmark extension: ``250 <messages> <recipients>`` so far."""
             await self.push(f"250 {handler.messages} {handler.recipients}")
 
-    server = await loop.create_server(
-        lambda: SinkSMTP(handler, enable_SMTPUTF8=True, decode_data=False, hostname="mx.sink.test",
-                         ident="ESMTP sink", loop=loop),
-        host=SINK_HOST, port=port, reuse_address=True, backlog=512,
-    )
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    server.close()
+    await serve_sink_until_signalled(SINK_HOST, port, "mx.sink.test", handler, SinkSMTP)
 
 
 # -- messages -------------------------------------------------------------------------
@@ -167,176 +143,12 @@ def recipients_for(index: int, count: int) -> list[str]:
 
 def message_lines(index: int, size: int, tag: str, rcpts: list[str]) -> list[str]:
     """One plain-text message of about ``size`` bytes (CRLF counted), as lines."""
-    rng = random.Random(index)
-    lines = [
-        f"Received: from workstation.example.net (workstation.example.net [192.0.2.{index % 250 + 1}])",
-        f"\tby {EHLO_NAME} with ESMTPSA id {tag}{index:06d}; {formatdate(localtime=True)}",
-        f"Date: {formatdate(localtime=True)}",
-        "From: Bench Sender <bench-sender@client.example.net>",
-        f"To: <{rcpts[0]}>",
-        f"Subject: Quarterly figures, part {index} ({tag})",
-        f"Message-ID: <{tag}.{index}.{rng.getrandbits(48):012x}@client.example.net>",
-        "MIME-Version: 1.0",
-        "Content-Type: text/plain; charset=us-ascii; format=flowed",
-        "Content-Transfer-Encoding: 7bit",
-        "User-Agent: monomail-bench/1.0",
-        "",
-        "Hello,",
-        "",
-    ]
-    total = sum(len(x) + 2 for x in lines)
-    body_target = max(size - 120, 0)
-    line: list[str] = []
-    while total < body_target:
-        line.append(rng.choice(_WORDS))
-        if sum(len(w) + 1 for w in line) > 66:
-            text = " ".join(line)
-            lines.append(text)
-            total += len(text) + 2
-            line = []
-            if rng.random() < 0.12:
-                lines.append("")
-                total += 2
-    if line:
-        lines.append(" ".join(line))
-    # a line that needs dot-stuffing, and a signature
-    return lines + ["", ". (this line starts with a dot)", "", "-- ", "Bench Sender, Example Net"]
+    return _message_lines(index, size, tag, f"<{rcpts[0]}>", "Hello,")
 
 
 def build_message(index: int, size: int, tag: str, rcpts: list[str]) -> bytes:
     """The DATA payload: dot-stuffed, CRLF, ending in '.'."""
-    stuffed = ("." + x if x.startswith(".") else x for x in message_lines(index, size, tag, rcpts))
-    return ("\r\n".join(stuffed) + "\r\n.\r\n").encode("ascii")
-
-
-# -- the load generator ---------------------------------------------------------------
-
-
-class SMTPFailure(Exception):
-    """A reply with an unexpected code, or a protocol violation."""
-
-
-class Client:
-    """One lock-step SMTP connection over asyncio streams."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.stage = "connect"
-
-    async def _reply(self, want: int) -> str:
-        assert self.reader is not None
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                raise SMTPFailure(f"{self.stage}: connection closed by server")
-            if len(line) < 4 or line[3:4] != b"-":
-                break
-        if not line[:3].isdigit():
-            raise SMTPFailure(f"{self.stage}: malformed reply {line[:80]!r}")
-        text = line.decode("ascii", "replace").strip()
-        if line[0] - 0x30 != want:
-            raise SMTPFailure(f"{self.stage}: {text[:120]}")
-        return text
-
-    async def command(self, stage: str, data: bytes, want: int) -> str:
-        assert self.writer is not None
-        self.stage = stage
-        self.writer.write(data)
-        return await self._reply(want)
-
-    async def open(self, ehlo: bool = True) -> None:
-        self.stage = "connect"
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.stage = "banner"
-        await self._reply(2)
-        if ehlo:
-            await self.command("EHLO", b"EHLO " + EHLO_NAME.encode() + b"\r\n", 2)
-
-    async def send(self, rcpts: list[str], payload: bytes) -> None:
-        await self.command("MAIL", b"MAIL FROM:<" + SENDER.encode() + b">\r\n", 2)
-        for rcpt in rcpts:
-            await self.command("RCPT", b"RCPT TO:<" + rcpt.encode() + b">\r\n", 2)
-        await self.command("DATA", b"DATA\r\n", 3)
-        await self.command("message", payload, 2)
-
-    async def quit(self) -> None:
-        await self.command("QUIT", b"QUIT\r\n", 2)
-        await self.close()
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            writer, self.writer = self.writer, None
-            writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 5)
-
-
-@dataclass
-class Tally:
-    ok: int = 0
-    latencies: list[float] = field(default_factory=list)
-    failures: collections.Counter[str] = field(default_factory=collections.Counter)
-
-
-_ERRORS = (OSError, SMTPFailure, TimeoutError, ValueError, asyncio.IncompleteReadError)
-Job = tuple[list[str], bytes]  # recipients, payload
-
-
-def _describe(stage: str, exc: BaseException) -> str:
-    if isinstance(exc, SMTPFailure):
-        return str(exc)
-    if isinstance(exc, TimeoutError):
-        return f"{stage}: no reply within {REPLY_TIMEOUT:.0f}s"
-    return f"{stage}: {type(exc).__name__}: {exc}"
-
-
-async def fresh_session(host: str, port: int, jobs: list[Job], tally: Tally) -> None:
-    """A new connection for every message."""
-    for rcpts, payload in jobs:
-        client = Client(host, port)
-        t0 = time.perf_counter()
-        try:
-            async with asyncio.timeout(REPLY_TIMEOUT):
-                await client.open()
-                await client.send(rcpts, payload)
-                tally.ok += 1
-                tally.latencies.append(time.perf_counter() - t0)
-                await client.quit()
-        except _ERRORS as exc:
-            tally.failures[_describe(client.stage, exc)] += 1
-        finally:
-            await client.close()
-
-
-async def reuse_session(host: str, port: int, jobs: list[Job], tally: Tally) -> None:
-    """One connection for all of this session's messages (reconnects after an error)."""
-    client: Client | None = None
-    try:
-        for rcpts, payload in jobs:
-            t0 = time.perf_counter()
-            try:
-                async with asyncio.timeout(REPLY_TIMEOUT):
-                    if client is None:
-                        client = Client(host, port)
-                        await client.open()
-                    await client.send(rcpts, payload)
-                tally.ok += 1
-                tally.latencies.append(time.perf_counter() - t0)
-            except _ERRORS as exc:
-                tally.failures[_describe(client.stage if client else "connect", exc)] += 1
-                if client is not None:
-                    await client.close()
-                client = None
-        if client is not None:
-            with contextlib.suppress(*_ERRORS):
-                async with asyncio.timeout(REPLY_TIMEOUT):
-                    await client.quit()
-    finally:
-        if client is not None:
-            await client.close()
+    return data_payload(message_lines(index, size, tag, rcpts))
 
 
 # -- counting what arrived ------------------------------------------------------------
@@ -351,8 +163,8 @@ async def aiosmtpd_sink_count(port: int) -> Counts:
     try:
         async with asyncio.timeout(10):
             await client.open(ehlo=False)
-            text = await client.command("XCOUNT", b"XCOUNT\r\n", 2)
-            with contextlib.suppress(*_ERRORS):
+            text = (await client.command("XCOUNT", b"XCOUNT\r\n", 2)).decode("ascii", "replace")
+            with contextlib.suppress(*ERRORS):
                 await client.command("QUIT", b"QUIT\r\n", 2)
     finally:
         await client.close()
@@ -383,18 +195,6 @@ def spool_entries(spool: Path | None) -> int | None:
         return 0
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """User+system CPU time of a process and all its threads, from /proc."""
-    if pid is None:
-        return float("nan")
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # -- targets and runs -----------------------------------------------------------------
 
 
@@ -413,16 +213,7 @@ class Target:
 
 
 @dataclass
-class Run:
-    target: str
-    mode: str
-    messages: int
-    ok: int
-    failed: int
-    seconds: float
-    rate: float
-    p50_ms: float
-    p99_ms: float
+class Run(RunStats):
     relay_cpu: float  # percent of one core; NaN without monomail in the path
     sink_cpu: float
     client_cpu: float
@@ -454,14 +245,12 @@ async def _settle(target: Target, before: Counts, messages: int) -> Settled:
 def _make_run(target: Target, mode: str, messages: int, ok: int, failures: collections.Counter[str],
               elapsed: float, latencies: list[float], cpu: tuple[float, float, float],
               settled: Settled, per_message: int) -> Run:
-    lat = sorted(latencies)
+    p50_ms, p99_ms = latency_ms(latencies)
     got, rcpts, left, waited = settled
     failed = sum(failures.values())
     return Run(
         target=target.name, mode=mode, messages=messages, ok=ok, failed=failed,
-        seconds=round(elapsed, 4), rate=ok / elapsed if elapsed else 0.0,
-        p50_ms=1000 * lat[len(lat) // 2] if lat else float("nan"),
-        p99_ms=1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan"),
+        seconds=round(elapsed, 4), rate=ok / elapsed if elapsed else 0.0, p50_ms=p50_ms, p99_ms=p99_ms,
         relay_cpu=100 * cpu[0] / elapsed, sink_cpu=100 * cpu[1] / elapsed, client_cpu=100 * cpu[2] / elapsed,
         sink_got=got, sink_rcpts=rcpts, spool_left=left, settle_s=round(waited, 3),
         check_ok=failed == 0 and ok == messages == got and not left and rcpts in (None, got * per_message),
@@ -473,21 +262,13 @@ async def measure(target: Target, mode: str, args: argparse.Namespace, tag: str,
     """The load generator of this process against ``target``."""
     jobs = [(rc, build_message(i, args.size, tag, rc))
             for i in range(messages) for rc in [recipients_for(i, args.recipients)]]
-    shares = [jobs[i::args.sessions] for i in range(args.sessions)]
-    session = fresh_session if mode == "fresh" else reuse_session
     tally = Tally()
     before = await target.sink_count()
     relay_pid = target.relay.pid if target.relay else None
-    r0, s0, c0 = _cpu_seconds(relay_pid), _cpu_seconds(target.sink_pid), time.process_time()
-    t0 = time.perf_counter()
-    try:
-        async with asyncio.timeout(args.max_seconds):
-            await asyncio.gather(*(session(target.host, target.port, share, tally) for share in shares if share))
-    except TimeoutError:
-        missing = messages - tally.ok - sum(tally.failures.values())
-        tally.failures[f"measurement stopped after {args.max_seconds:.0f}s (--max-seconds)"] += max(missing, 0)
-    elapsed = time.perf_counter() - t0
-    cpu = (_cpu_seconds(relay_pid) - r0, _cpu_seconds(target.sink_pid) - s0, time.process_time() - c0)
+    r0, s0, c0 = cpu_seconds(relay_pid), cpu_seconds(target.sink_pid), time.process_time()
+    elapsed = await run_sessions(target.host, target.port, mode, jobs, args.sessions, args.max_seconds,
+                                 REPLY_TIMEOUT, tally)
+    cpu = (cpu_seconds(relay_pid) - r0, cpu_seconds(target.sink_pid) - s0, time.process_time() - c0)
     settled = await _settle(target, before, messages)
     return _make_run(target, mode, messages, tally.ok, tally.failures, elapsed, tally.latencies, cpu, settled,
                      args.recipients)
@@ -506,7 +287,7 @@ async def measure_smtp_source(target: Target, mode: str, args: argparse.Namespac
     failures: collections.Counter[str] = collections.Counter()
     before = await target.sink_count()
     relay_pid = target.relay.pid if target.relay else None
-    r0, s0 = _cpu_seconds(relay_pid), _cpu_seconds(target.sink_pid)
+    r0, s0 = cpu_seconds(relay_pid), cpu_seconds(target.sink_pid)
     u0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(*cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -519,7 +300,7 @@ async def measure_smtp_source(target: Target, mode: str, args: argparse.Namespac
         failures[f"smtp-source stopped after {args.max_seconds:.0f}s (--max-seconds)"] += 1
     elapsed = time.perf_counter() - t0
     u1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (_cpu_seconds(relay_pid) - r0, _cpu_seconds(target.sink_pid) - s0,
+    cpu = (cpu_seconds(relay_pid) - r0, cpu_seconds(target.sink_pid) - s0,
            (u1.ru_utime + u1.ru_stime) - (u0.ru_utime + u0.ru_stime))
     settled = await _settle(target, before, messages)
     if proc.returncode != 0 and not failures:
@@ -536,79 +317,15 @@ async def measure_smtp_source(target: Target, mode: str, args: argparse.Namespac
 # -- servers ------------------------------------------------------------------------
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(proc: subprocess.Popen[bytes], host: str, port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(map(str, proc.args))} exited with {proc.returncode}: "
-                               f"{log_path.read_text(errors='replace')[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5) as s:
-            s.settimeout(2)
-            if s.recv(100).startswith(b"220"):
-                s.sendall(b"QUIT\r\n")
-                with contextlib.suppress(OSError):
-                    s.recv(100)
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"server on {host}:{port} did not answer within {START_TIMEOUT:.0f}s")
-
-
-def start_server(cmd: list[str], host: str, port: int, workdir: Path, name: str,
-                 procs: list[subprocess.Popen[bytes]], stdout: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in ``workdir``; output to ``<name>.log`` (or stdout to ``stdout``)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / f"{name}.log"
-    root = str(Path(__file__).resolve().parent.parent)  # this checkout's monomail, installed or not
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    with log_path.open("ab") as logf, (stdout or log_path).open("ab") as outf:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=outf, stderr=logf,
-                                cwd=workdir, env=env, start_new_session=True)
-    procs.append(proc)
-    wait_ready(proc, host, port, log_path)
-    return proc
-
-
-def stop_server(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            return -9
-    return proc.returncode
-
-
 def monomail_config(directory: Path, port: int, args: argparse.Namespace, *, dns: str,
                     smarthost: str = "", remote_port: int = 25) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     route = f'smarthost = "{smarthost}"' if smarthost else f"port = {remote_port}"
-    path = directory / "monomail.toml"
-    path.write_text(f"""\
-hostname = "relay.example.test"
-
-[server]
-listen = ["{CLIENT_HOST}:{port}"]
-spool_dir = "spool"
-max_connections = {max(100, 2 * args.sessions + 10)}
-max_recipients = {max(100, args.recipients)}
-trusted_networks = ["127.0.0.0/8"]
-shutdown_grace = "10s"
-
-[local]
-domains = ["example.test"]
-mailbox_format = "maildir"
-mail_dir = "mail"
-
-[users.postmaster]
-
+    return write_monomail_config(
+        directory, hostname="relay.example.test", listen=f"{CLIENT_HOST}:{port}",
+        max_connections=max(100, 2 * args.sessions + 10), user="postmaster",
+        server_extra=f"max_recipients = {max(100, args.recipients)}\n",
+        sections=f"""\
 [dns]
 nameservers = ["{dns}"]
 timeout = "5s"
@@ -619,11 +336,7 @@ tls = "opportunistic"
 max_connections = {max(50, args.sessions)}
 max_connections_per_domain = {max(10, args.sessions)}
 
-[log]
-level = "warning"
-file = "monomail-log.txt"
 """)
-    return path
 
 
 def start_monomail(name: str, workdir: Path, args: argparse.Namespace, procs: list[subprocess.Popen[bytes]],
@@ -662,17 +375,6 @@ def postfix_tools() -> bool:
 
 
 # -- the benchmark --------------------------------------------------------------------
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with NaN floats as None, so the JSON is strict."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _report_run(run: Run, label: str) -> None:
@@ -725,24 +427,9 @@ def summarize(runs: list[Run], names: list[str], modes: list[str]) -> list[dict[
     for name in names:
         for mode in modes:
             rs = [r for r in runs if r.target == name and r.mode == mode]
-            if not rs:
-                continue
-            failures: collections.Counter[str] = collections.Counter()
-            for r in rs:
-                failures.update(r.failures)
-            out.append({
-                "target": name, "mode": mode,
-                "median_rate": statistics.median(r.rate for r in rs),
-                "min_rate": min(r.rate for r in rs), "max_rate": max(r.rate for r in rs),
-                "p50_ms": statistics.median(r.p50_ms for r in rs),
-                "p99_ms": statistics.median(r.p99_ms for r in rs),
-                "relay_cpu": statistics.median(r.relay_cpu for r in rs),
-                "sink_cpu": statistics.median(r.sink_cpu for r in rs),
-                "client_cpu": statistics.median(r.client_cpu for r in rs),
-                "failed": sum(failures.values()), "failures": dict(failures),
-                "checks_ok": sum(r.check_ok for r in rs), "checks": len(rs),
-                "rounds": [r.rate for r in rs],
-            })
+            if rs:
+                out.append(summary_row(name, mode, rs, ("relay_cpu", "sink_cpu", "client_cpu"),
+                                       {"checks_ok": sum(r.check_ok for r in rs), "checks": len(rs)}))
     return out
 
 
@@ -775,12 +462,6 @@ def print_table(summary: list[dict[str, Any]], out: TextIO) -> None:
         print(f"{s['target']:10} {s['mode']:5} {s['median_rate']:8.1f} {span:>11} {_ms(s['p50_ms'])} "
               f"{_ms(s['p99_ms'])} {_pct(s['relay_cpu'])} {_pct(s['sink_cpu'])} {_pct(s['client_cpu'])} "
               f"{s['failed']:6d} {checks:>6}", file=out)
-
-
-def print_failures(summary: list[dict[str, Any]], out: TextIO) -> None:
-    for s in summary:
-        for text, n in list(s["failures"].items())[:MAX_SHOWN]:
-            print(f"  failure {s['target']}/{s['mode']} x{n}: {text}", file=out)
 
 
 async def amain(args: argparse.Namespace, workdir: Path, procs: list[subprocess.Popen[bytes]],
@@ -890,7 +571,7 @@ async def amain(args: argparse.Namespace, workdir: Path, procs: list[subprocess.
             if section:
                 doc[key] = {"results": section["summary"], "ratios": section["ratios"],
                             "runs": [asdict(r) for r in section["runs"]]}
-        print(json.dumps(_finite(doc), indent=2))
+        print(json.dumps(finite(doc), indent=2))
         return 0 if ok else 1
 
     out = sys.stdout
@@ -902,7 +583,7 @@ async def amain(args: argparse.Namespace, workdir: Path, procs: list[subprocess.
     print_table(section["summary"], out)
     for key, value in section["ratios"].items():
         print(f"ratio {key}: {value:.2f}", file=out)
-    print_failures(section["summary"], out)
+    print_failures(section["summary"], out, MAX_SHOWN)
     if results.get("dns_queries") is not None:
         print(f"DNS queries answered: {results['dns_queries']}", file=out)
     if results["postfix"]:
@@ -912,7 +593,7 @@ async def amain(args: argparse.Namespace, workdir: Path, procs: list[subprocess.
         print_table(section["summary"], out)
         for key, value in section["ratios"].items():
             print(f"ratio {key}: {value:.2f}", file=out)
-        print_failures(section["summary"], out)
+        print_failures(section["summary"], out, MAX_SHOWN)
     else:
         print(f"\n{postfix_note}", file=out)
     checked = [r for r in all_runs if r.spool_left is not None]
@@ -934,23 +615,15 @@ async def amain(args: argparse.Namespace, workdir: Path, procs: list[subprocess.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--messages", type=int, default=2000, help="messages per measurement (default 2000)")
-    p.add_argument("--sessions", type=int, default=10, help="parallel SMTP sessions (default 10)")
-    p.add_argument("--size", type=int, default=2048, help="approximate message size in bytes (default 2048)")
+    p = new_parser(__doc__)
     p.add_argument("--recipients", type=int, default=1, help="recipients per message, all at sink.test (default 1)")
-    p.add_argument("--rounds", type=int, default=3, help="repeat each measurement, report the median (default 3)")
-    p.add_argument("--warmup", type=int, default=50, help="untimed messages per target and mode (default 50)")
-    p.add_argument("--max-seconds", type=float, default=60.0,
-                   help="stop one measurement after this long and count the rest as failed (default 60)")
+    add_round_options(p, "untimed messages per target and mode (default 50)")
     p.add_argument("--route", dest="routes", action="append", choices=ROUTES,
                    help="monomail routing to measure (repeatable; default both)")
     p.add_argument("--mode", dest="modes", action="append", choices=MODES,
                    help="client connection mode (repeatable; default both)")
     p.add_argument("--no-postfix", action="store_true", help="skip the smtp-source / smtp-sink comparison")
-    p.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
-    p.add_argument("--serve-sink", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    add_output_options(p, "keep the temporary directory (configs, logs)")
     args = p.parse_args(argv)
     for name in ("messages", "sessions", "rounds", "recipients"):
         if getattr(args, name) < 1:
@@ -962,36 +635,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.serve_sink is not None:
-        run_loop(serve_sink(args.serve_sink))
-        return 0
-    workdir = Path(tempfile.mkdtemp(prefix="monomail-relay-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    closers: list[Callable[[], None]] = []
-    signal.signal(signal.SIGTERM, _terminate)  # so that the finally below kills the servers
-    try:
-        return run_loop(amain(args, workdir, procs, closers))
-    except RuntimeError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
-        for close in closers:
-            with contextlib.suppress(Exception):
-                close()
-        if args.keep:
-            progress(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return run_benchmark("relay", "monomail-relay-", args,
+                         lambda workdir, procs, closers: amain(args, workdir, procs, closers), serve_sink)
 
 
 if __name__ == "__main__":
