@@ -8,6 +8,7 @@ key). Every error is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -161,6 +162,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0 if ok else 2
 
 
+_OWN_PARSERS = {"import": ".importer", "mail": ".reader", "sendmail": ".submit", "deliver": ".mda"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monomail", description="A monolithic mail server.")
     parser.add_argument("--version", action="version", version=f"monomail {_version()}")
@@ -178,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_route)
     sub.add_parser("import", help="translate /etc/aliases, virtusertable and .forward files into TOML "
                                   "(see monomail import --help)")
+    sub.add_parser("mail", help="read a mailbox, binmail style (see monomail mail --help)")
+    sub.add_parser("sendmail", help="submit a message, sendmail-compatible (see monomail sendmail --help)")
+    sub.add_parser("deliver", help="deliver stdin to a local user, for other MTAs (see monomail deliver --help)")
     q = sub.add_parser("queue", help="inspect the mail queue")
     qsub = q.add_subparsers(dest="queue_command", required=True)
     p = qsub.add_parser("list", parents=[common], help="list queued messages")
@@ -199,10 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["import"]:  # its own parser: argparse cannot hand options through a subparser
-        from .importer import main as import_main
-
-        return import_main(argv[1:])
+    if argv[:1] and argv[0] in _OWN_PARSERS:  # these parse their own (sendmail-style) flags
+        module = importlib.import_module(_OWN_PARSERS[argv[0]], __package__)
+        return module.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
