@@ -25,6 +25,7 @@ from . import mailstore
 from .config import Config
 from .deliver import Deliverer
 from .queue import Queue
+from .reader import finish_interrupted_rewrite
 from .remote import Transport
 from .server import SMTPServer
 from .spool import PID_FILE, Spool
@@ -74,6 +75,8 @@ class App:
             if user.mailbox_format == "mbox":
                 try:
                     await asyncio.to_thread(mailstore.recover_mbox, user.path)
+                    # a `monomail mail` killed mid-rewrite left a journal: finish it first
+                    await asyncio.to_thread(finish_interrupted_rewrite, user.path, self.config.local.lock_timeout)
                 except (OSError, mailstore.MailboxLocked) as exc:
                     log.warning("mbox %s: recovery check failed: %s", user.path, exc)
         pending = await self.queue.load()
