@@ -11,7 +11,9 @@ RUN useradd --system --home-dir /var/spool/monomail --shell /usr/sbin/nologin mo
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY monomail ./monomail
-RUN pip install --no-cache-dir '.[fast]' && rm -rf /src
+RUN pip install --no-cache-dir '.[fast]' && rm -rf /src \
+ && ln -sf "$(command -v sendmail)" /usr/sbin/sendmail \
+ && ln -sf "$(command -v sendmail)" /usr/bin/mailq
 
 # The container's config: all interfaces, data in the volumes (deploy/container.toml).
 COPY deploy/container.toml /etc/monomail/monomail.toml
