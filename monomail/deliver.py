@@ -39,6 +39,7 @@ from .message import delivery_headers, header_block
 from .remote import Transport
 from .rewrite import forward_sender, masquerade_address, masquerade_headers
 from .router import Destination, ListPost, Mailbox, Remote, Tables, resolve
+from .userfilter import UserFilters
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")
 MAILBOX_BUSY = Reply(450, "4.2.0", "Mailbox busy, try again later")
@@ -72,7 +73,7 @@ class _Result:
     reply: Reply
     detail: str
     host: str = ""
-    spawn: Spawn | None = None
+    spawns: tuple[Spawn, ...] = ()
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Deliverer:
         self.executor = executor
         self.transport = transport
         self.tables = tables
+        self.filters = UserFilters(config) if config.filters.enabled else None
         self._mbox_pending: dict[Path, _MboxBatch] = {}
         self._mbox_writing: set[Path] = set()
 
@@ -139,7 +141,7 @@ class Deliverer:
             dests = routed[rcpt]
             done = tuple(d.key for d in dests if results[d.key].reply.code < 300)
             failed = [results[d.key] for d in dests if results[d.key].reply.code >= 300]
-            spawned = tuple(r.spawn for r in (results[d.key] for d in dests) if r.spawn is not None)
+            spawned = tuple(s for d in dests for s in results[d.key].spawns)
             if not failed:
                 where = ", ".join(results[d.key].detail for d in dests)
                 outcomes.append(Outcome(rcpt, Status.DELIVERED, DELIVERED, where, done, spawned=spawned))
@@ -163,7 +165,7 @@ class Deliverer:
                 primary = self.config.local.primary_domain
                 members = tuple(m if "@" in m else f"{m}@{primary}" for m in d.members)
                 spawn = Spawn(d.via.sender or "", members, _header_lines(d.via.headers))
-                results[d.key] = _Result(LIST_POSTED, f"list {d.name}: {len(members)} members", spawn=spawn)
+                results[d.key] = _Result(LIST_POSTED, f"list {d.name}: {len(members)} members", spawns=(spawn,))
             elif isinstance(d, Mailbox):
                 work.append(self._local(d, env, data))
             else:
@@ -189,7 +191,18 @@ class Deliverer:
         where = f"{dest.format} {dest.path}"
         sender = env.sender if dest.via.sender is None else dest.via.sender
         chunks = [delivery_headers(sender, dest.address) + _header_lines(dest.via.headers), data]
+        spawns: tuple[Spawn, ...] = ()
         try:
+            if self.filters is not None and self.config.filters.enabled:
+                user = self.config.users[dest.user]
+                loop = asyncio.get_running_loop()
+                filtered = await loop.run_in_executor(
+                    self.executor, self.filters.apply, user, b"".join(chunks), sender, env.received_at)
+                if filtered is not None:
+                    out_sender = forward_sender(sender, user.name, self.config)
+                    spawns = tuple(Spawn(out_sender, tuple(a), b"", data=m) for a, m in filtered.forwards)
+                    if filtered.delivered:
+                        return [(dest.key, _Result(DELIVERED, f"{where} via recipes {user.recipes}", spawns=spawns))]
             if dest.format == "maildir":
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self.executor, mailstore.deliver_maildir, dest.path, chunks)
@@ -198,7 +211,7 @@ class Deliverer:
                 await self._mbox(dest.path, (sender, env.received_at, chunks))
         except Exception as exc:  # every local transport error is temporary
             return [(dest.key, _Result(classify(exc), f"{where}: {type(exc).__name__}: {exc}"))]
-        return [(dest.key, _Result(DELIVERED, where))]
+        return [(dest.key, _Result(DELIVERED, where, spawns=spawns))]
 
     async def _remote(self, domain: str, sender: str, headers: tuple[tuple[str, str], ...], dests: list[Remote],
                       env: Envelope, data: bytes) -> list[tuple[str, _Result]]:
