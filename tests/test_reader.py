@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import smtplib
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from email import message_from_bytes, policy
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import write_config
@@ -606,3 +608,36 @@ def test_the_reader_finishes_an_interrupted_rewrite_when_it_opens_the_mbox(tmp_p
         line for line in proc.stdout.splitlines()[1:] if "hello 0" not in line]
     assert [m["Subject"] for m in mailbox.mbox(box)] == ["hello 1", "hello 2", "arrived meanwhile"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["box"]
+
+
+@pytest.mark.parametrize("user", ["alice", "bob"])  # alice: Maildir, bob: mbox (tests/conftest.py)
+def test_the_server_delivers_while_a_terminal_session_is_open(
+    tmp_path: Path, terminal: Callable[..., Terminal], serve: Callable[..., Any], user: str
+):
+    """Acceptance: the reader on a pseudo-terminal lists, reads, deletes and saves while the
+    real server delivers a new message over SMTP into the same mailbox; nothing is lost."""
+    server = serve()
+
+    def deliver(subject: str) -> None:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:
+            assert s.sendmail("x@outside.test", [f"{user}@example.test"],
+                              f"Subject: {subject}\r\n\r\nbody of {subject}\r\n".encode()) == {}
+
+    for i in range(3):
+        deliver(f"early {i}")
+    path = server.config.users[user].path
+    t = terminal(["-f", str(path)], tmp_path)
+    assert "early 0" in t.cmd("h") and "early 2" in t.screen()
+    assert "body of early 1" in t.cmd("2")
+    t.cmd("d 1")
+    assert "appended 1 message" in t.cmd("s saved.mbox")
+    deliver("arrived during the session")  # the server writes into the open mailbox
+    rc, screen = t.quit()
+    assert rc == 0, screen
+    if user == "bob":
+        kept = [m["Subject"] for m in mailbox.mbox(path)]
+    else:
+        box = mailbox.Maildir(path, factory=None, create=False)
+        kept = sorted(message_from_bytes(box.get_bytes(k))["Subject"] for k in box.keys())
+    assert sorted(kept) == ["arrived during the session", "early 1", "early 2"]
+    assert [m["Subject"] for m in mailbox.mbox(tmp_path / "saved.mbox")] == ["early 1"]
