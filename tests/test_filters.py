@@ -33,7 +33,7 @@ def maildir_subjects(path: Path) -> list[str]:
     if not (path / "new").is_dir():
         return []
     box = mailbox.Maildir(path, factory=None, create=False)
-    return sorted(email.message_from_bytes(box.get_bytes(k))["Subject"] for k in box.keys())
+    return sorted(email.message_from_bytes(box.get_bytes(k))["Subject"] for k in box.iterkeys())
 
 
 def mbox_subjects(path: Path) -> list[str]:

@@ -638,6 +638,6 @@ def test_the_server_delivers_while_a_terminal_session_is_open(
         kept = [m["Subject"] for m in mailbox.mbox(path)]
     else:
         box = mailbox.Maildir(path, factory=None, create=False)
-        kept = sorted(message_from_bytes(box.get_bytes(k))["Subject"] for k in box.keys())
+        kept = sorted(message_from_bytes(box.get_bytes(k))["Subject"] for k in box.iterkeys())
     assert sorted(kept) == ["arrived during the session", "early 1", "early 2"]
     assert [m["Subject"] for m in mailbox.mbox(tmp_path / "saved.mbox")] == ["early 1"]
