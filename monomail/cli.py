@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import signal
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -18,7 +16,7 @@ from pathlib import Path
 
 from .config import Config, load
 from .errors import ConfigError, SpoolError
-from .spool import PID_FILE, Spool
+from .spool import Spool
 
 
 def _version() -> str:
@@ -82,22 +80,21 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spool(args: argparse.Namespace) -> Spool:
-    return Spool(_load(args.config).server.spool_dir)
+def _spool(args: argparse.Namespace) -> tuple[Config, Spool]:
+    config = _load(args.config)
+    return config, Spool(config.server.spool_dir)
 
 
-def _signal_server(spool: Spool) -> str:
+def _signal_server(config: Config) -> str:
     """Ask a running server to re-read the spool (SIGUSR1); say what happened."""
-    try:
-        pid = int((spool.dir / PID_FILE).read_text().strip())
-        os.kill(pid, signal.SIGUSR1)
-    except (OSError, ValueError):
-        return "server not running; takes effect when it starts"
-    return f"server (pid {pid}) notified"
+    from .submit import notify_server
+
+    pid = notify_server(config)
+    return f"server (pid {pid}) notified" if pid else "server not running; takes effect when it starts"
 
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
-    spool = _spool(args)
+    _, spool = _spool(args)
     record = spool.load(args.id)
     print(f"id:          {record['id']}")
     print(f"sender:      <{record['sender']}>")
@@ -120,7 +117,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
 
 
 def _edit(args: argparse.Namespace, change: str) -> int:
-    spool = _spool(args)
+    config, spool = _spool(args)
     with spool.locked():
         if change == "delete":
             if not spool.exists(args.id):
@@ -134,12 +131,12 @@ def _edit(args: argparse.Namespace, change: str) -> int:
                     if r["state"] == "pending":
                         r["next_attempt"] = 0
             spool.update(record)
-    print(f"{args.id}: {change}d" if change != "hold" else f"{args.id}: held", "-", _signal_server(spool))
+    print(f"{args.id}: {change}d" if change != "hold" else f"{args.id}: held", "-", _signal_server(config))
     return 0
 
 
 def cmd_queue_flush(args: argparse.Namespace) -> int:
-    spool = _spool(args)
+    config, spool = _spool(args)
     with spool.locked():
         ids = [args.id] if args.id else spool.ids()
         for qid in ids:
@@ -148,7 +145,7 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
                 if r["state"] == "pending":
                     r["next_attempt"] = 0
             spool.update(record)
-    print(f"{len(ids)} entr{'y' if len(ids) == 1 else 'ies'} due now -", _signal_server(spool))
+    print(f"{len(ids)} entr{'y' if len(ids) == 1 else 'ies'} due now -", _signal_server(config))
     return 0
 
 

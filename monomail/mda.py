@@ -51,11 +51,7 @@ from . import maillog
 from .config import Config
 from .envelope import Address, Envelope, Outcome, Status, parse_path
 from .errors import ConfigError, ReplyError, SpoolError
-
-EX_OK = 0
-EX_NOUSER = 67
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
+from .sysexits import EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Failure, fail, setup_logging
 
 PROG = "monomail deliver"
 _RETURN_PATH = re.compile(rb"^Return-Path:", re.IGNORECASE)
@@ -82,13 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="configuration (default: $MONOMAIL_CONFIG, ./monomail.toml, /etc/monomail/monomail.toml)")
     p.add_argument("-v", "--verbose", action="store_true", help="log the delivery on stderr")
     return p
-
-
-class Failure(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # -- the message ------------------------------------------------------------------------
@@ -257,10 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except _Usage as exc:
-        return _fail(EX_TEMPFAIL, f"usage error: {exc} (usage: {PROG} -u USER [-f SENDER] [-a ADDRESS] [-c FILE])")
+        return fail(PROG, EX_TEMPFAIL, f"usage error: {exc} (usage: {PROG} -u USER [-f SENDER] [-a ADDRESS] [-c FILE])")
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    _setup_logging(args.verbose)
+    setup_logging(PROG, args.verbose)
     try:
         config = load_config(args.config)
         try:
@@ -269,30 +258,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise Failure(EX_TEMPFAIL, f"cannot read the message: {exc}") from None
         return deliver(config, args.user, args.sender, args.address, raw)
     except ConfigError as exc:
-        return _fail(EX_TEMPFAIL, f"config error: {exc}")
+        return fail(PROG, EX_TEMPFAIL, f"config error: {exc}")
     except Failure as exc:
-        return _fail(exc.code, exc.message)
+        return fail(PROG, exc.code, exc.message)
     except KeyboardInterrupt:
-        return _fail(EX_TEMPFAIL, "interrupted")
+        return fail(PROG, EX_TEMPFAIL, "interrupted")
     except Exception as exc:  # never lose: the calling MTA keeps the message
-        return _fail(EX_TEMPFAIL, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def _fail(code: int, message: str) -> int:
-    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
-    return code
-
-
-def _setup_logging(verbose: bool) -> None:
-    root = logging.getLogger()
-    handler: logging.Handler
-    if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-        root.setLevel(logging.INFO)
-    else:
-        handler = logging.NullHandler()
-    root.handlers[:] = [handler]
+        return fail(PROG, EX_TEMPFAIL, f"internal error: {type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

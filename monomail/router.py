@@ -147,10 +147,6 @@ def is_our_domain(domain: str, config: Config) -> bool:
     return domain == "" or domain in config.local.domains or domain in config.virtual
 
 
-def is_local_domain(domain: str, config: Config) -> bool:
-    return is_our_domain(domain, config)
-
-
 def resolve(address: Address, config: Config, tables: Tables | None = None,
             sender: str | None = None) -> tuple[Destination, ...]:
     """All final destinations for ``address``, duplicates removed, in order.

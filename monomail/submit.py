@@ -66,19 +66,23 @@ from .errors import BAD_ADDRESS, AddressError, ConfigError, ReplyError, RouteErr
 from .policy import check_recipient
 from .queue import new_id, new_record
 from .spool import PID_FILE, Spool
+from .sysexits import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOPERM,
+    EX_NOUSER,
+    EX_OK,
+    EX_OSERR,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    Failure,
+    fail,
+    setup_logging,
+)
 from .tables import FileTables
-
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_NOUSER = 67
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_OSERR = 71
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
 
 PROG = "monomail sendmail"
 USAGE = "usage: monomail sendmail [-t] [-i] [-f sender] [-F name] [-bm|-bs|-bp] [-q] [-v] [recipient ...]"
@@ -97,15 +101,6 @@ log = logging.getLogger("monomail.sendmail")
 
 class UsageError(Exception):
     """A bad command line (exit 64)."""
-
-
-class Failure(Exception):
-    """A failure with its sysexits code and one-line reason."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # -- the command line -------------------------------------------------------------------
@@ -444,18 +439,22 @@ def _is_monomail(pid: int) -> bool:
         return False
 
 
-def _tell_server(server: _Server | None) -> None:
-    """Ask a running server to read the spool now (SIGUSR1). Only a process known to be
-    the server is signalled: a stale PID file may name somebody else's process."""
+def _tell_server(server: _Server | None) -> int | None:
+    """Ask a running server to read the spool now (SIGUSR1); the pid told, or None. Only a
+    process known to be the server is signalled: a stale PID file may name somebody else's
+    process."""
     if server is None or not (server.connected or _is_monomail(server.pid)):
-        return
-    with contextlib.suppress(OSError):
+        return None
+    try:
         os.kill(server.pid, signal.SIGUSR1)
+    except OSError:
+        return None
+    return server.pid
 
 
-def notify_server(config: Config) -> None:
-    """Tell the running server, if there is one, to read the spool now."""
-    _tell_server(_server(config))
+def notify_server(config: Config) -> int | None:
+    """Tell the running server, if there is one, to read the spool now; its pid, or None."""
+    return _tell_server(_server(config))
 
 
 def _reply_text(code: int, text: bytes | str) -> str:
@@ -873,8 +872,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         opts = parse_args(argv)
     except UsageError as exc:
-        return _fail(EX_USAGE, f"{exc} ({USAGE})")
-    _setup_logging(opts.verbose)
+        return fail(PROG, EX_USAGE, f"{exc} ({USAGE})")
+    setup_logging(PROG, opts.verbose)
     try:
         config = load_config()
         if opts.mode == "p":
@@ -885,31 +884,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return StdioSMTP(config, opts, sys.stdin.buffer, sys.stdout.buffer).run()
         return deliver_mode(opts, config, sys.stdin.buffer)
     except UsageError as exc:
-        return _fail(EX_USAGE, str(exc))
+        return fail(PROG, EX_USAGE, str(exc))
     except ConfigError as exc:
-        return _fail(EX_CONFIG, f"config error: {exc}")
+        return fail(PROG, EX_CONFIG, f"config error: {exc}")
     except Failure as exc:
-        return _fail(exc.code, exc.message)
+        return fail(PROG, exc.code, exc.message)
     except KeyboardInterrupt:
-        return _fail(EX_TEMPFAIL, "interrupted; nothing was sent")
+        return fail(PROG, EX_TEMPFAIL, "interrupted; nothing was sent")
     except Exception as exc:  # never a traceback
-        return _fail(EX_SOFTWARE, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def _fail(code: int, message: str) -> int:
-    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
-    return code
-
-
-def _setup_logging(verbose: bool) -> None:
-    root = logging.getLogger()
-    if verbose:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-        root.setLevel(logging.INFO)
-    else:
-        handler = logging.NullHandler()
-    root.handlers[:] = [handler]
+        return fail(PROG, EX_SOFTWARE, f"internal error: {type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,22 @@ def process_server(tmp_path: Path) -> Iterator[Any]:
             p.proc.wait(5)
 
 
+@pytest.fixture
+def dns():
+    """A DNS server on 127.0.0.1 (tests/peers.py) that monomail's resolver can be pointed at."""
+    from peers import DNSServer
+
+    server = DNSServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def port() -> int:
+    """A free port, used on 127.0.0.x by test SMTP peers and as monomail's remote.port."""
+    return free_port()
+
+
 def cli(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run the ``monomail`` command as a user would."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

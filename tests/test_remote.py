@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli, free_port
+from conftest import cli
 from peers import DNSServer, SMTPPeer, self_signed_cert
 
 BODY = b"Subject: relay me\r\nFrom: alice@example.test\r\n\r\nline one\r\n.dot line\r\n..two\r\nend\r\n"
@@ -34,18 +34,6 @@ class Clock:
 
     def __call__(self) -> float:
         return time.time() + self.offset
-
-
-@pytest.fixture
-def dns():
-    server = DNSServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 @pytest.fixture

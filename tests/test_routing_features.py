@@ -15,22 +15,10 @@ import time
 from typing import Any
 
 import pytest
-from conftest import cli, free_port, write_config
-from peers import DNSServer, SMTPPeer
+from conftest import cli, write_config
+from peers import SMTPPeer
 
 MSG = b"From: Poster <poster@outside.test>\r\nSubject: hello list\r\n\r\nbody text\r\n"
-
-
-@pytest.fixture
-def dns():
-    server = DNSServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 @pytest.fixture
