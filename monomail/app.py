@@ -24,8 +24,8 @@ from pathlib import Path
 from . import mailstore
 from .config import Config
 from .deliver import Deliverer
+from .mboxrewrite import finish_interrupted_rewrite
 from .queue import Queue
-from .reader import finish_interrupted_rewrite
 from .remote import Transport
 from .server import SMTPServer
 from .spool import PID_FILE, Spool

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from conftest import write_config
 
-from monomail import mailstore, reader
+from monomail import mailstore, mboxrewrite, reader
 
 pytestmark = pytest.mark.timeout(10)
 WHEN = 1_700_000_000.0  # fixed arrival time: deterministic From lines
@@ -534,9 +534,9 @@ def test_maildir_flags_changed_by_another_client_are_kept(tmp_path: Path):
 KILLED = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from monomail import mailstore, reader
+    from monomail import mailstore, mboxrewrite, reader
     path, case, step = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    reader._fault = lambda name: os._exit(9) if name == step else None
+    mboxrewrite._fault = lambda name: os._exit(9) if name == step else None
     folder = reader.MboxFolder(path, 5)
     msgs = folder.load()
     if case == "grow":  # read marks only: the file gets longer
@@ -575,10 +575,10 @@ def test_a_reader_killed_mid_rewrite_loses_nothing(tmp_path: Path, case: str, st
 
     assert rewrite(box, case, step) == 9  # killed: the dot-lock and (but for "done") the journal stay
     assert box.with_name("box.lock").exists()
-    journal = reader.journal_path(box)
+    journal = mboxrewrite.journal_path(box)
     assert journal.exists() == (step != "done")
     if torn:
-        start, boundary, region = reader._read_journal(box)
+        start, boundary, region = mboxrewrite._read_journal(box)
         size = box.stat().st_size
         with box.open("r+b") as f:
             if step == "dotlock":  # a part of the newline padding
@@ -589,7 +589,7 @@ def test_a_reader_killed_mid_rewrite_loses_nothing(tmp_path: Path, case: str, st
                 junk = (region[: (size - start) // 3] + b"\nFrom junk\n" + b"x" * size)[: size - start]
                 f.write(junk)
     add_mbox(box, "after")  # the server delivers before anyone looks: it meets the dead reader's dot-lock
-    assert reader.finish_interrupted_rewrite(box, 5) == (step != "done")
+    assert mboxrewrite.finish_interrupted_rewrite(box, 5) == (step != "done")
     assert box.read_bytes() == expected.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["box", "expected"]
     msgs = list(mailbox.mbox(box))
