@@ -37,6 +37,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import MailboxLocked
+
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _counter = itertools.count()
 _made_dirs: set[Path] = set()
@@ -45,10 +47,6 @@ _path_locks_guard = threading.Lock()
 _PID = os.getpid()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 STALE_FOREIGN_LOCK = 600.0  # seconds: a dot-lock of another program this old is broken
-
-
-class MailboxLocked(Exception):
-    """The mailbox stayed locked by someone else for the whole lock timeout."""
 
 
 def _write_all(fd: int, chunks: Sequence[bytes]) -> None:

@@ -50,7 +50,7 @@ import dns.rdatatype
 import dns.resolver
 
 from .config import Config, RemoteConfig
-from .errors import Reply
+from .errors import DestinationError, HostError, Reply
 
 log = logging.getLogger("monomail.remote")
 
@@ -64,22 +64,6 @@ class RemoteResult:
     @property
     def ok(self) -> bool:
         return 200 <= self.reply.code < 300
-
-
-class DestinationError(Exception):
-    """No host to try: the reply says whether that is permanent."""
-
-    def __init__(self, reply: Reply, detail: str) -> None:
-        super().__init__(detail)
-        self.reply = reply
-
-
-class HostError(Exception):
-    """This host could not take the message; try the next one."""
-
-    def __init__(self, reply: Reply, detail: str) -> None:
-        super().__init__(detail)
-        self.reply = reply
 
 
 NULL_MX = Reply(556, "5.1.10", "Recipient domain does not accept mail (null MX)")

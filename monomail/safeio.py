@@ -1,0 +1,87 @@
+"""Safe writes: a file is either its old self or its new self, never half of each.
+
+Job: the one helper every durable write goes through (spool entries, mbox rewrites,
+journals, PID files), as chasquid's ``internal/safeio``: write to a temporary name in
+the same folder, fsync it, rename it over the target, fsync the folder so the rename
+itself survives a crash. The mode is set explicitly (``fchmod``), never left to the
+umask. `fsync_dir` is the folder half on its own, for callers that rename themselves
+(Maildir delivery).
+
+Blocking: callers run it off the event loop. Errors are ``OSError``, raised after the
+temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+TMP_PREFIX = ".tmp."  # readers of a folder skip names that start with this
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of a folder (renames, creations, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, chunks: Sequence[bytes]) -> None:
+    """Write every byte of ``chunks`` (``writev``, resuming after short writes)."""
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def temp_name(path: Path) -> Path:
+    """A temporary name next to ``path``, unique to this process and thread."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
+
+
+def write_file(path: Path, data: bytes | Sequence[bytes], *, mode: int = 0o600, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (temp, fsync, rename, fsync dir).
+
+    ``sync_dir=False`` leaves the folder's fsync to the caller (one for several files).
+    """
+    chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+    tmp = temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            write_all(fd, chunks)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def make_dirs(path: Path, mode: int = 0o700) -> None:
+    """``mkdir -p`` with ``mode`` on every folder it creates, whatever the umask."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, mode)
+            os.chmod(folder, mode)
