@@ -1,7 +1,7 @@
 """The rcfile parser: procmailrc text to a frozen `Rcfile`, or `RecipeError` with ``name:line:``.
 
 Job: read an rcfile the way procmail's own reader does (procmailrc(5); procmail's
-``rcfile.c`` / ``goodies.c``), statement by statement: comments, ``NAME=value``
+``cstdio.c``: getlline, skipline; ``goodies.c``: readparse), statement by statement: comments, ``NAME=value``
 assignments (the raw value up to an unquoted blank, with sh-like quoting and
 backquotes kept for the expander), ``:0 [flags] [: [lockfile]]`` recipes with their
 ``*`` conditions (backslash-newline continues a line) and one action: a folder,
@@ -13,8 +13,9 @@ number), so a bad rcfile is refused whole before it runs.
 Stricter than procmail (difference 9 in the package docstring): weighted scoring,
 unknown flags, text after the lockfile name, a stray or missing ``}``, an unterminated
 quote or backquote, a recipe without an action, ``VAR=! ...`` and an invalid regular
-expression are errors, where procmail warns and carries on. Error messages never quote
-the rcfile's text beyond the offending token (INCLUDERC may point at any file).
+expression are errors, where procmail warns and carries on. A line that is neither a
+recipe, an assignment nor a comment is not quoted in the error (INCLUDERC may point at
+any file, one holding secrets too).
 
 Not here: expanding values (``expand``), running anything (``engine``), reading files
 (the caller passes text; INCLUDERC files are read when run).
