@@ -49,8 +49,8 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from .config import Config, RemoteConfig
 from .errors import DestinationError, HostError, Reply
+from .settings import Config, RemoteConfig
 
 log = logging.getLogger("monomail.remote")
 
