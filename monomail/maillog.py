@@ -7,6 +7,9 @@ see its whole story (received, delivered, deferred, failed), Postfix-style::
     4f1c2a9e0b3d: to=<alice@example.test> status=delivered (maildir /var/mail/alice)
 
 Causes (exception text, paths) go here and never into SMTP replies (DESIGN invariant 6).
+What a client sent (HELO names, addresses, remote replies) goes through `printable`
+first, so no line of the log holds a raw control character; `PrintableFilter` does the
+same for the lines of a library's logger (aiosmtpd's ``mail.log``).
 """
 
 from __future__ import annotations
@@ -18,17 +21,48 @@ from .envelope import Envelope, Outcome, Status
 log = logging.getLogger("monomail.mail")
 
 
+def printable(text: str | bytes) -> str:
+    """Client-supplied text made safe for one log line: control characters, invalid UTF-8
+    (surrogate escapes) and other unprintable characters become ``\\xNN``/``\\uNNNN``."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogateescape")
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ord(ch)) for ch in text)
+
+
+def _escape(code: int) -> str:
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+class PrintableFilter(logging.Filter):
+    """A logging filter that passes every record through `printable` (installed once on a
+    library's logger whose lines may hold client bytes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record: leave it to logging's own error handling
+            return True
+        record.msg, record.args = printable(message), None
+        return True
+
+
 def received(env: Envelope, *, client: str, helo: str) -> None:
     log.info(
         "%s: received from=<%s> size=%d nrcpt=%d client=[%s] helo=%s",
-        env.id, env.sender, env.size, len(env.recipients), client, helo,
+        env.id, printable(env.sender), env.size, len(env.recipients), client, printable(helo),
     )
 
 
 def outcome(qid: str, o: Outcome, *, attempt: int = 1) -> None:
     level = logging.INFO if o.status is Status.DELIVERED else logging.WARNING
     log.log(level, "%s: to=<%s> status=%s attempt=%d reply=%s (%s)",
-            qid, o.recipient, o.status.value, attempt, o.reply, o.detail)
+            qid, printable(o.recipient), o.status.value, attempt, printable(str(o.reply)), printable(o.detail))
 
 
 def queued(qid: str, pending: int, next_in: float) -> None:
@@ -40,4 +74,4 @@ def removed(qid: str, why: str) -> None:
 
 
 def problem(qid: str, what: str) -> None:
-    log.error("%s: %s", qid, what)
+    log.error("%s: %s", qid, printable(what))

@@ -2,11 +2,16 @@
 
 Job: pure functions over raw message bytes.
 
-- `canonicalize` checks DATA content as aiosmtpd hands it over (dot-stuffing already
-  removed, CRLF line endings) and returns it with LF endings, the form monomail stores
-  and spools. It *rejects*, never repairs (DESIGN invariant 5): a bare CR or LF (the SMTP
-  smuggling family, CVE-2023-51764), a NUL byte, or a line longer than 998 characters
-  (RFC 5322 §2.1.1) raises `ReplyError` with a 5xx.
+- `Content` checks DATA content as it is read (RFC 5321 §4.5.2 dot-stuffing removed,
+  CRLF line endings) and gives it with LF endings, the form monomail stores and spools.
+  It *rejects*, never repairs (DESIGN invariant 5): a bare CR or LF (the SMTP smuggling
+  family, CVE-2023-51764), a NUL byte, a line longer than 998 characters (RFC 5322
+  §2.1.1) or more than the size limit (RFC 1870) is refused with a 5xx. It also counts
+  the Received fields of the header section for the loop guard (RFC 5321 §6.3). The work
+  is done per block of complete lines with bytes methods (C speed), so what a caller
+  does per feed is bounded whatever the message's size (DESIGN invariant 9); only the
+  final `Content.join` is proportional to the size, and the SMTP face runs it in a
+  worker thread. `canonicalize` is the same check for content already in hand.
 - `received_header` builds our ``Received:`` field (RFC 5321 §4.4); client-supplied
   words (the HELO name) are reduced to a safe alphabet before they reach a header.
 - `split_header` is the one header-section splitter (``header_fields`` lists its fields).
@@ -22,7 +27,7 @@ import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from .errors import Reply, ReplyError
+from .errors import MESSAGE_TOO_BIG, Reply, ReplyError
 
 MAX_LINE = 998
 
@@ -32,24 +37,150 @@ LINE_TOO_LONG = Reply(554, "5.6.0", "Message has a line longer than 998 characte
 LOOP = Reply(554, "5.4.6", "Too many Received headers: mail loop suspected")
 
 _RECEIVED = re.compile(rb"^Received:", re.IGNORECASE | re.MULTILINE)
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 §2.2 field name, then ":"
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
-_LONG_LINE = re.compile(rb"[^\n]{%d}" % (MAX_LINE + 1))
+
+
+class Content:
+    """One DATA section, checked block by block as it is read.
+
+    `feed` takes the content bytes in any chunks, as read: dot-stuffed lines (unless
+    ``dot_stuffed=False``) with their CRLF, the end-of-data line itself excluded.
+    Chunks are buffered and checked once at least `BLOCK` octets of complete lines are
+    in hand. ``strict`` (the network face) refuses bare CR or LF and over-long lines;
+    the local ``sendmail -bs`` face is lenient there (its lines may end in LF, and long
+    lines are broken later, as for any local submission). A NUL byte and the size limit
+    are refused in both. After the first refusal nothing more is kept; the caller reads
+    on to the end of the data and then calls `finish`, which raises `ReplyError`.
+    """
+
+    BLOCK = 64 * 1024
+
+    def __init__(self, limit: int, *, strict: bool = True, dot_stuffed: bool = True) -> None:
+        self.limit = limit
+        self.strict = strict
+        self.dot_stuffed = dot_stuffed
+        self.size = 0  # octets fed, as on the wire
+        self.received = 0  # Received fields in the header section
+        self.error: Reply | None = None
+        self._parts: list[bytes] = [b""]  # [0] is the trace header, set by `join`
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._carry = b""  # an incomplete last line
+        self._line_start = True  # the carry begins a line
+        self._in_header = True
+        self._first_line = True
+
+    def feed(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.error is not None:
+            return
+        if self.size > self.limit:
+            self._refuse(MESSAGE_TOO_BIG)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= self.BLOCK:
+            self._flush(final=False)
+
+    def finish(self) -> None:
+        """The end of the data: check what is left; `ReplyError` if the content is refused."""
+        if self.error is None:
+            self._flush(final=True)
+        if self.error is not None:
+            raise ReplyError(self.error)
+
+    def join(self, prefix: bytes = b"") -> bytes:
+        """The checked content with LF endings, ``prefix`` (a trace header) on top. It
+        copies the whole message once: the SMTP face calls it in a worker thread."""
+        self._parts[0] = prefix
+        data = b"".join(self._parts)
+        self._parts = [b""]
+        return data
+
+    def _refuse(self, reply: Reply) -> None:
+        self.error = reply
+        self._parts = [b""]
+        self._pending = []
+        self._carry = b""
+
+    def _flush(self, *, final: bool) -> None:
+        data = b"".join([self._carry, *self._pending]) if self._carry else b"".join(self._pending)
+        self._pending = []
+        self._pending_size = 0
+        cut = len(data) if final else data.rfind(b"\n") + 1
+        block, self._carry = data[:cut], data[cut:]
+        line_start = self._line_start
+        self._line_start = True
+        if len(self._carry) > MAX_LINE + 3:  # longer than a line can be, even stuffed
+            if self.strict:
+                self._refuse(LINE_TOO_LONG)
+                return
+            keep = len(self._carry) - 1 if self._carry.endswith(b"\r") else len(self._carry)
+            block, self._carry = block + self._carry[:keep], self._carry[keep:]  # lenient: a long
+            self._line_start = False  # line goes on in pieces (a CR kept, as an LF may follow)
+        if block:
+            self._check(block, line_start)
+
+    def _check(self, block: bytes, line_start: bool) -> None:
+        if b"\x00" in block:
+            self._refuse(NUL_BYTE)
+            return
+        if self.strict:
+            lines = block.split(b"\r\n")
+            crlf = len(lines) - 1  # every CR and every LF must be part of a CRLF
+            if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+                self._refuse(BARE_CR_LF)
+                return
+            if self._too_long(lines):
+                self._refuse(LINE_TOO_LONG)
+                return
+            lf = b"\n".join(lines)
+        else:
+            lf = block.replace(b"\r\n", b"\n")
+        if self.dot_stuffed and b"." in block:  # RFC 5321 §4.5.2: drop a line's leading dot
+            if line_start and lf[:1] == b".":
+                lf = lf[1:]
+            lf = lf.replace(b"\n.", b"\n")
+        if self._in_header:
+            self._scan_header(lf)
+        self._parts.append(lf)
+
+    def _too_long(self, lines: list[bytes]) -> bool:
+        longest = max(map(len, lines))
+        if longest <= MAX_LINE or not self.dot_stuffed:
+            return longest > MAX_LINE
+        # One octet more is a stuffed line whose first dot goes (RFC 5321 §4.5.2).
+        return longest > MAX_LINE + 1 or any(len(x) > MAX_LINE and x[:1] != b"." for x in lines)
+
+    def _scan_header(self, block: bytes) -> None:
+        """Count Received fields until the header section ends (as `split_header` does)."""
+        pos, size = 0, len(block)
+        while pos < size:
+            end = block.find(b"\n", pos)
+            stop = size if end < 0 else end + 1
+            first, self._first_line = self._first_line, False
+            if stop - pos == 1 and block[pos] == 0x0A:
+                self._in_header = False
+                return
+            if block[pos] in (0x20, 0x09) and not first:
+                pass  # a continuation line
+            elif _FIELD.match(block, pos, stop):
+                if block[pos : pos + 9].lower() == b"received:":
+                    self.received += 1
+            else:
+                self._in_header = False
+                return
+            pos = stop
 
 
 def canonicalize(content: bytes) -> bytes:
-    """Check raw DATA content (CRLF endings) and return it with LF endings."""
-    if b"\x00" in content:
-        raise ReplyError(NUL_BYTE)
-    crlf = content.count(b"\r\n")
-    if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
-        raise ReplyError(BARE_CR_LF)
-    data = content.replace(b"\r\n", b"\n")
-    if len(data) > MAX_LINE and _LONG_LINE.search(data):
-        raise ReplyError(LINE_TOO_LONG)
-    return data
-
-
-_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 §2.2 field name, then ":"
+    """Check DATA content already in hand (dot-stuffing removed, CRLF endings) and
+    return it with LF endings; `ReplyError` with a 5xx if it is refused."""
+    checked = Content(len(content), dot_stuffed=False)
+    checked.feed(content)
+    checked.finish()
+    return checked.join()
 
 
 def split_header(data: bytes) -> tuple[bytes, bytes]:

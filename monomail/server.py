@@ -1,147 +1,111 @@
-"""The SMTP face: aiosmtpd's protocol, started in monomail's own event loop.
+"""The SMTP face: aiosmtpd's connections, monomail's SMTP core, in monomail's own event loop.
 
-Job: speak SMTP (RFC 5321) with ESMTP extensions SIZE (RFC 1870), 8BITMIME (RFC 6152),
-SMTPUTF8 (RFC 6531), PIPELINING (RFC 2920) and ENHANCEDSTATUSCODES (RFC 2034/3463);
-ask ``policy`` about every MAIL and RCPT; check DATA with ``message.canonicalize``;
-prepend our Received header; hand the message to ``queue.accept`` and answer what it
-says. The server ends at ``queue.accept()``.
+Job: listen on every ``server.listen`` address, read command lines and message content
+from each client, and write back what the transaction core (``transaction``) decides;
+``policy`` is its recipient check. A complete message gets our Received header and goes
+to ``queue.accept``, whose reply is the answer to DATA. The server ends at
+``queue.accept()``. Connections beyond ``server.max_connections`` get ``421 4.7.0``.
+
+What this module does not do: decide anything about a command (``transaction``), check
+message content (``message.Content``), route (``policy``/``router``), deliver (``queue``).
+
+Reading (DESIGN invariant 9, nothing proportional to a message's size runs on the event
+loop in one piece): command lines are read up to LF, one at a time; the content after
+354 is read in pieces up to each ``.<CR><LF>`` (or a buffer's worth), checked as it comes
+by ``message.Content``, and joined (one copy of the whole message) in a worker thread.
+The end of data is a line holding just ``.``, i.e. ``<CR><LF>.<CR><LF>``: a bare LF or
+CR before the dot does not end it (SMTP smuggling), and the content is refused.
+
+Error handling: an exception nobody classified answers ``451 4.3.0`` with generic text
+and is logged with its traceback (aiosmtpd's default leaks the exception text and
+answers a permanent 500); one raised while message content is being read also closes
+the connection, since the client's stream cannot be trusted to be at a command then.
+
+Security stance: no relay for untrusted clients (``policy``); client words reach headers
+only through ``message.safe_word`` and the log only through ``maillog.printable``
+(aiosmtpd's own logger, ``mail.log``, gets a filter that escapes its lines); replies
+never carry causes.
 
 aiosmtpd is imported here and nowhere else. Its ``Controller`` runs a second loop in a
-thread, so `SMTPServer` calls ``loop.create_server`` itself. What we change in its
-``SMTP`` class, and why:
+thread, so `SMTPServer` calls ``loop.create_server`` itself with our `Session`, an
+``aiosmtpd.smtp.SMTP``. What monomail takes from aiosmtpd, public API first:
 
-- MAIL and RCPT are parsed by ``envelope.parse_path`` (null sender, source routes,
-  quoted local parts, UTF-8 checks, ESMTP parameters) instead of aiosmtpd's parser.
-- Every reply carries an enhanced status code: aiosmtpd's own replies lacking one get
-  a fitting default in `_enhance` (greeting, EHLO/HELO lines and 354 excepted).
-- ``handle_exception`` answers ``451 4.3.0`` with generic text and logs the cause;
-  aiosmtpd's default leaks the exception and answers a permanent 500.
-- A NUL, CR or LF inside a command line is refused (``501 5.5.2``); command lines are
-  limited to 512 octets per session (aiosmtpd's limits table is a class attribute that
-  grows with every EHLO; here it is per session and reset by EHLO).
-- Connections beyond ``server.max_connections`` get ``421 4.7.0`` and are closed.
+- ``SMTP.__init__`` (hostname, timeout, loop), ``push`` (one write + drain per step),
+  ``connection_made``/``connection_lost`` (asyncio protocol methods we extend),
+  ``session.peer``, and the documented ``line_length_limit`` (1001), which is the
+  StreamReader's limit: longer command lines are skipped and refused.
 
-Security stance: no relay for untrusted clients (``policy``), client words reach
-headers only through ``message.safe_word``, and replies never carry causes.
+aiosmtpd internals monomail depends on (no public way exists; tested with aiosmtpd
+1.4.6, and ``pyproject.toml`` pins ``>=1.4.6,<1.5``):
+
+1. ``SMTP._handle_client`` is replaced by `Session._handle_client`: aiosmtpd starts it
+   as the connection's task in ``connection_made`` and cancels it in
+   ``connection_lost``/``eof_received``. Its own command parsing and ``smtp_*``
+   methods are not used at all.
+2. ``SMTP._reader``: the connection's ``asyncio.StreamReader``, set by
+   ``SMTP._cb_client_connected``.
+3. ``SMTP._reset_timeout()``: restarts aiosmtpd's idle timer (``server.timeout``);
+   called after each accepted command and at most once a second while content is read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import functools
 import logging
-import re
 import socket
 import time
-from typing import Any
 
-from aiosmtpd.smtp import SMTP, syntax
-from aiosmtpd.smtp import Envelope as _AioEnvelope
+from aiosmtpd.smtp import SMTP
 
 from . import maillog, policy
-from .envelope import Address, Envelope, new_id, parse_path
-from .errors import (
-    LOCAL_ERROR,
-    MESSAGE_TOO_BIG,
-    RCPT_OK,
-    SENDER_OK,
-    TOO_MANY_CONNECTIONS,
-    TOO_MANY_RECIPIENTS,
-    AddressError,
-    Reply,
-    ReplyError,
-    RouteError,
-)
-from .message import LINE_TOO_LONG as DATA_LINE_TOO_LONG
-from .message import LOOP, canonicalize, count_received, received_header
+from .envelope import Address, Envelope, new_id
+from .errors import LOCAL_ERROR, TOO_MANY_CONNECTIONS, Reply, RouteError
+from .message import received_header
 from .queue import Queue
 from .router import Tables
 from .settings import Config
+from .transaction import Message, Next, Step, Transaction, wire
 
 log = logging.getLogger("monomail.smtp")
-logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
+IDENT = "ESMTP monomail"
+END_LINE = b".\r\n"
+JOIN_IN_THREAD = 256 * 1024  # content larger than this is joined in a worker thread
+YIELD_EVERY = 256  # content pieces read without a pause for other sessions at most
 
-COMMAND_LIMIT = 512  # RFC 5321 §4.5.3.1.4
-_HAS_STATUS = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
-_DEFAULT_STATUS = {
-    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
-    530: "5.7.0", 552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
-}
-_REWRITE = {
-    "552 Error: Too much mail data": str(MESSAGE_TOO_BIG),
-    "500 Line too long (see RFC5321 4.5.3.1.6)": str(DATA_LINE_TOO_LONG),
-    "500 Command line too long": "500 5.5.2 Command line too long",
-}
-BAD_COMMAND_BYTES = Reply(501, "5.5.2", "NUL, bare CR or bare LF not allowed in a command line")
-NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
-NESTED_MAIL = Reply(503, "5.5.1", "Sender already given")
-MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
-RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
-NULL_RCPT = Reply(501, "5.1.3", "Null recipient not allowed")
-UNKNOWN_PARAM = Reply(555, "5.5.4", "Parameter not recognized")
-BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
-BAD_SIZE = Reply(501, "5.5.4", "SIZE must be a number")
+_AIOSMTPD_LOG = logging.getLogger("mail.log")
+_AIOSMTPD_LOG.setLevel(logging.WARNING)  # aiosmtpd logs every connection at INFO
+if not any(isinstance(f, maillog.PrintableFilter) for f in _AIOSMTPD_LOG.filters):
+    _AIOSMTPD_LOG.addFilter(maillog.PrintableFilter())
 
 
-def _enhance(status: str) -> str:
-    """Give one of aiosmtpd's own replies an enhanced status code (RFC 2034)."""
-    if status in _REWRITE:
-        return _REWRITE[status]
-    if len(status) < 4 or not status[:3].isdigit() or _HAS_STATUS.match(status):
-        return status
-    code = int(status[:3])
-    if code in (220, 354):
-        return status
-    enhanced = "5.5.1" if "not recognized" in status else _DEFAULT_STATUS.get(code, f"{status[0]}.0.0")
-    return f"{status[:4]}{enhanced} {status[4:]}"
-
-
-class _LineReader(asyncio.StreamReader):
-    """aiosmtpd reads command lines up to a bare LF; this notes when one ended without CR,
-    so the command can be refused (as Postfix's smtpd_forbid_bare_newline does)."""
-
-    bare_lf = False
-
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:
-        line = await super().readuntil(separator)
-        self.bare_lf = separator == b"\n" and not line.endswith(b"\r\n")
-        return line
-
-
-class _SessionEnvelope(_AioEnvelope):
-    """aiosmtpd's envelope plus what monomail tracks for one transaction."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sender: str | None = None
-        self.smtputf8 = False
+class _NoHooks:
+    """aiosmtpd's handler object: monomail uses none of its hooks (the core decides)."""
 
 
 class Session(SMTP):
-    """One SMTP connection."""
+    """One SMTP connection: aiosmtpd's protocol object, our command loop."""
 
     def __init__(self, server: SMTPServer) -> None:
         self.mm = server
-        self.command_size_limits = collections.defaultdict(lambda: COMMAND_LIMIT)
-        self.command_size_limit = COMMAND_LIMIT
-        self._raw_replies = False
-        self._counted = False
         cfg = server.config
+        self._counted = False
+        self.peer_ip = "127.0.0.1"
+        self.trusted = False
         super().__init__(
-            server.handler,
+            _NoHooks(),
             data_size_limit=cfg.server.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=cfg.hostname,
-            ident="ESMTP monomail",
+            ident=IDENT,
             timeout=cfg.server.timeout,
             loop=server.loop,
         )
-        self._stream_reader.__class__ = _LineReader
+        self.core = Transaction(cfg, self._check_recipient)
 
-    def _create_envelope(self) -> _SessionEnvelope:
-        return _SessionEnvelope()
+    def _check_recipient(self, address: Address, sender: str) -> object:
+        return policy.check_recipient(address, self.mm.config, trusted=self.trusted, sender=sender,
+                                      tables=self.mm.tables)
 
     # -- connection bookkeeping ---------------------------------------------------
 
@@ -150,15 +114,16 @@ class Session(SMTP):
             super().connection_made(transport)
             return
         if len(self.mm.sessions) >= self.mm.config.server.max_connections:
-            transport.write(f"{TOO_MANY_CONNECTIONS}\r\n".encode())  # type: ignore[attr-defined]
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(wire((TOO_MANY_CONNECTIONS,)))
             transport.close()
             return
         self._counted = True
         self.mm.sessions.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        self.trusted = policy.is_trusted(self.peer_ip, self.mm.config)
         super().connection_made(transport)
-        peer = self.session.peer
-        self.session.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
-        self.session.trusted = policy.is_trusted(self.session.peer_ip, self.mm.config)
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._counted:
@@ -166,164 +131,122 @@ class Session(SMTP):
         self.mm.sessions.discard(self)
         super().connection_lost(error)
 
-    # -- replies ------------------------------------------------------------------
+    # -- the command loop (replaces aiosmtpd's, internal 1) -----------------------
 
-    async def push(self, status: Any) -> None:
-        if isinstance(status, str):
-            if not self._raw_replies:
-                status = _enhance(status)
-            elif status == "250 HELP":  # the last EHLO line: our extensions instead
-                await super().push("250-PIPELINING")
-                status = "250 ENHANCEDSTATUSCODES"
-        await super().push(status)
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        self.command_size_limits.clear()
-        self._raw_replies = True
+    async def _handle_client(self) -> None:
         try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            self._raw_replies = False
+            await self._send((self.core.greeting(IDENT),))
+            while self.transport is not None:
+                step = await self._next_command()
+                await self._send(step.replies)
+                if step.next is Next.CONTENT:
+                    if not await self._read_content():
+                        return
+                    await self._send((await self._finish_message(),))
+                elif step.next is Next.CLOSE:
+                    self.hang_up()
+                    return
+        except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
+            self.hang_up()
+            raise
 
-    async def smtp_HELO(self, hostname: str) -> None:
-        self._raw_replies = True
+    async def _next_command(self) -> Step:
+        reader = self._reader  # internal 2
         try:
-            await super().smtp_HELO(hostname)
-        finally:
-            self._raw_replies = False
-
-    # -- MAIL and RCPT ------------------------------------------------------------
-
-    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
-            return
-        env: _SessionEnvelope = self.envelope  # type: ignore[assignment]
-        if env.sender is not None:
-            await self.push(str(NESTED_MAIL))
-            return
-        if not arg or arg[:5].upper() != "FROM:":
-            await self.push(str(MAIL_SYNTAX))
-            return
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:  # longer than line_length_limit: skip it
+            await reader.read(exc.consumed)
+            while True:
+                try:
+                    await reader.readuntil(b"\n")
+                    break
+                except asyncio.LimitOverrunError as more:
+                    await reader.read(more.consumed)
+            return self.core.overlong()
         try:
-            address, params = parse_path(arg[5:], smtputf8=False)
-        except AddressError as exc:
-            await self.push(str(exc.reply))
-            return
-        reply = self._check_mail_params(params)
-        if reply:
-            await self.push(str(reply))
-            return
-        env.sender = str(address) if address else ""
-        env.mail_from = env.sender
-        env.smtputf8 = "SMTPUTF8" in params
-        env.mail_options = [k if v is None else f"{k}={v}" for k, v in params.items()]
-        await self.push(str(SENDER_OK))
+            step = self.core.receive(line)
+        except Exception as exc:  # nobody classified it: temporary
+            log.error("internal error in SMTP session with [%s]: %r", self.peer_ip, exc, exc_info=exc)
+            return Step((LOCAL_ERROR,))
+        if isinstance(step.refused, RouteError):
+            log.info("refused %s client=[%s]: %s", maillog.printable(line[:300].rstrip(b"\r\n")),
+                     self.peer_ip, maillog.printable(step.refused.detail))
+        if step.replies[0].code < 400:
+            self._reset_timeout()  # internal 3
+        return step
 
-    def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
-        for key, value in params.items():
-            if key == "SIZE":
-                if not value or not value.isdigit():
-                    return BAD_SIZE
-                if int(value) > self.mm.config.server.max_message_size:
-                    return MESSAGE_TOO_BIG
-            elif key == "BODY":
-                if (value or "").upper() not in ("7BIT", "8BITMIME"):
-                    return BAD_BODY
-            elif key == "SMTPUTF8":
-                if value is not None:
-                    return UNKNOWN_PARAM
-            else:
-                return UNKNOWN_PARAM
-        return None
+    async def _read_content(self) -> bool:
+        """Read the content to the end-of-data line, feeding the core's `Content`; False
+        (connection closed) if something went wrong that nobody classified."""
+        content = self.core.content
+        assert content is not None
+        reader = self._reader
+        tail = b"\r\n"  # the content begins at the start of a line
+        pieces = 0
+        reset_at = self.loop.time() + 1.0
+        try:
+            while True:
+                try:
+                    piece = await reader.readuntil(END_LINE)
+                except asyncio.LimitOverrunError as exc:  # no ".\r\n" in a buffer's worth
+                    piece = await reader.read(exc.consumed)
+                else:
+                    before = piece[-5:-3] if len(piece) >= 5 else (tail + piece[:-3])[-2:]
+                    if before == b"\r\n":  # CRLF . CRLF: the end (that CRLF ends the last line)
+                        content.feed(piece[:-3])
+                        break
+                content.feed(piece)
+                tail = piece[-2:]
+                pieces += 1
+                if self.loop.time() > reset_at:
+                    self._reset_timeout()  # internal 3
+                    reset_at = self.loop.time() + 1.0
+                if pieces % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # many short pieces: let the other sessions in
+        except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
+            raise
+        except Exception as exc:
+            log.error("internal error reading DATA from [%s]: %r", self.peer_ip, exc, exc_info=exc)
+            await self._send((LOCAL_ERROR,))
+            self.hang_up()
+            return False
+        self._reset_timeout()
+        return True
 
-    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
-            return
-        env: _SessionEnvelope = self.envelope  # type: ignore[assignment]
-        if env.sender is None:
-            await self.push(str(NEED_MAIL))
-            return
-        if not arg or arg[:3].upper() != "TO:":
-            await self.push(str(RCPT_SYNTAX))
-            return
+    async def _finish_message(self) -> Reply:
+        try:
+            result = self.core.end_data()
+            if isinstance(result, Reply):
+                log.info("refused DATA from [%s]: %s", self.peer_ip, result)
+                return result
+            return await self._accept(result)
+        except Exception as exc:  # nobody classified it: temporary
+            log.error("internal error after DATA from [%s]: %r", self.peer_ip, exc, exc_info=exc)
+            return LOCAL_ERROR
+
+    async def _accept(self, msg: Message) -> Reply:
         cfg = self.mm.config
-        try:
-            address, params = parse_path(arg[3:], smtputf8=env.smtputf8)
-            if address is None:
-                raise AddressError(NULL_RCPT)
-            if params:
-                raise AddressError(UNKNOWN_PARAM)
-            if len(env.rcpt_tos) >= cfg.server.max_recipients:
-                raise ReplyError(TOO_MANY_RECIPIENTS)
-            if not address.domain:
-                address = Address(address.local, cfg.local.primary_domain, address.quoted)
-            policy.check_recipient(address, cfg, trusted=self.session.trusted, sender=env.sender,
-                                   tables=self.mm.tables)
-        except ReplyError as exc:
-            if isinstance(exc, RouteError):
-                log.info("refused rcpt=<%s> client=[%s]: %s", arg[3:].strip()[:300],
-                         self.session.peer_ip, exc.detail)
-            await self.push(str(exc.reply))
-            return
-        rcpt = str(Address(address.local, address.domain, address.quoted))
-        if rcpt not in env.rcpt_tos:
-            env.rcpt_tos.append(rcpt)
-        await self.push(str(RCPT_OK))
-
-
-def _guarded(method: Any) -> Any:
-    """Wrap an ``smtp_*`` command method: refuse a line with NUL, bare CR or bare LF."""
-
-    @functools.wraps(method)
-    async def guarded(self: Session, arg: str | None) -> None:
-        if self._reader.bare_lf or (arg and ("\x00" in arg or "\r" in arg)):
-            await self.push(str(BAD_COMMAND_BYTES))
-            return
-        await method(self, arg)
-
-    return guarded
-
-
-# Done once here rather than per connection: aiosmtpd collects smtp_* methods in __init__.
-for _name in [n for n in dir(Session) if n.startswith("smtp_")]:
-    setattr(Session, _name, _guarded(getattr(Session, _name)))
-
-
-class Handler:
-    """aiosmtpd's hook object: EHLO extensions, DATA, and exceptions."""
-
-    def __init__(self, server: SMTPServer) -> None:
-        self.mm = server
-
-    async def handle_DATA(self, smtp: Session, session: Any, envelope: _SessionEnvelope) -> str:
-        cfg = self.mm.config
-        try:
-            data = canonicalize(envelope.original_content or b"")
-        except ReplyError as exc:
-            log.info("refused DATA from [%s]: %s", session.peer_ip, exc.reply.text)
-            return str(exc.reply)
-        if count_received(data) > cfg.server.max_received_headers:
-            return str(LOOP)
         now = time.time()
         qid = new_id(now)
-        rcpts = tuple(envelope.rcpt_tos)
-        helo = session.host_name or "unknown"
-        protocol = ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") if session.extended_smtp else "SMTP"
+        rcpts = msg.recipients
         header = received_header(
-            helo=helo, peer_ip=session.peer_ip, hostname=cfg.hostname, protocol=protocol,
+            helo=msg.helo, peer_ip=self.peer_ip, hostname=cfg.hostname, protocol=msg.protocol,
             queue_id=qid, recipient=rcpts[0] if len(rcpts) == 1 else None, when=now,
         )
-        data = header + data
-        env = Envelope(qid, envelope.sender or "", rcpts, now, envelope.smtputf8, len(data))
-        maillog.received(env, client=session.peer_ip, helo=helo)
-        reply = await self.mm.queue.accept(env, data)
-        return str(reply)
+        if msg.content.size > JOIN_IN_THREAD:
+            data = await asyncio.to_thread(msg.content.join, header)
+        else:
+            data = msg.content.join(header)
+        env = Envelope(qid, msg.sender, rcpts, now, msg.smtputf8, len(data))
+        maillog.received(env, client=self.peer_ip, helo=msg.helo)
+        return await self.mm.queue.accept(env, data)
 
-    async def handle_exception(self, error: Exception) -> str:
-        log.error("internal error in SMTP session: %r", error, exc_info=error)
-        return str(LOCAL_ERROR)
+    async def _send(self, replies: tuple[Reply, ...]) -> None:
+        await self.push(wire(replies)[:-2])  # push adds the last CRLF
+
+    def hang_up(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 class SMTPServer:
@@ -333,9 +256,8 @@ class SMTPServer:
         self.config = config
         self.queue = queue
         self.tables = tables
-        self.handler = Handler(self)
         self.sessions: set[Session] = set()
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.Server] = []
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -361,7 +283,6 @@ class SMTPServer:
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
+            session.hang_up()
         for s in self.servers:
             await s.wait_closed()

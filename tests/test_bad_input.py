@@ -680,15 +680,17 @@ def test_every_reply_has_an_enhanced_status_code(serve: Any) -> None:
 
 
 def test_help(serve: Any) -> None:
+    """HELP answers 214 (RFC 5321 §4.3.2), as ``sendmail -bs`` always did (serve said 250)."""
     server = serve()
     with Client(server.port) as c:
         c.ehlo()
         r = c.cmd(b"HELP")
-        expect(r, 250)
+        expect(r, 214, "2.0.0")
         assert {"MAIL", "RCPT", "DATA", "QUIT"} <= set(r.text.split(":", 1)[1].split())
         r = c.cmd(b"HELP MAIL")
-        expect(r, 250)
+        expect(r, 214, "2.0.0")
         assert "MAIL FROM:" in r.text
+        expect(c.cmd(b"HELP FOO"), 504, "5.5.4")
 
 
 # -- EHLO and PIPELINING --------------------------------------------------------------

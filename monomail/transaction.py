@@ -1,0 +1,365 @@
+"""The SMTP transaction core: every decision about an SMTP command, for every SMTP face.
+
+Job: one session's protocol state, and the answer to every command line a client sends,
+decided once for ``monomail serve`` (``server``, over the network) and ``monomail
+sendmail -bs`` (``sendmail.stdio``, on standard input and output) alike. It is pure in
+the manner of h11: no I/O, no clock, no logging. A face reads a line, hands it to
+`Transaction.receive` and writes the replies of the `Step` it gets back; after a 354 it
+feeds the message content to `Transaction.content` (a `message.Content`) and calls
+`Transaction.end_data`, which gives the complete `Message` (or the refusal). What to do
+with an accepted message is the face's business (``queue.accept``, or the sendmail
+hand-over); so is the recipient policy, handed in as ``check``.
+
+The states and the commands that move between them are the table `TRANSITIONS`; a
+command that the table does not allow in the current state gets its reply from
+`OUT_OF_SEQUENCE` (503 5.5.1). Errors carry the reply to send (``errors.ProtocolError``
+for syntax, sequence and parameters, ``AddressError`` from ``envelope.parse_path``,
+``RouteError`` from the policy); `Step.refused` keeps the error for the face's log, and
+its detail never reaches the client (DESIGN invariant 6).
+
+Decided here: command line syntax (a NUL, CR or, on the network, a bare LF in a line:
+501 5.5.2; over 512 octets, 548 for MAIL after EHLO: 500 5.5.2); unknown commands
+(500 5.5.1; the fifth ends the session with 421 4.7.0); MAIL parameters SIZE (ASCII
+digits only, at most ``server.max_message_size``), BODY=7BIT/8BITMIME and SMTPUTF8,
+anything else 555 5.5.4; a bad value 501 5.5.4; the null recipient (501 5.1.3); too
+many recipients (452 4.5.3); a bare local part gets ``local.primary_domain``; the loop
+guard after DATA (554 5.4.6, ``server.max_received_headers``). VRFY never says whether
+a user exists (252 2.5.2).
+
+RFCs: 5321 (commands, sequence, replies, limits §4.5.3.1), 1870 (SIZE), 6152 (8BITMIME),
+6531 (SMTPUTF8), 2920 (PIPELINING), 2034 and 3463 (enhanced status codes: every reply
+carries one except the greeting, the HELO/EHLO lines and 354).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .envelope import Address, parse_path
+from .errors import (
+    BYE,
+    MESSAGE_TOO_BIG,
+    OK,
+    RCPT_OK,
+    SENDER_OK,
+    TOO_MANY_RECIPIENTS,
+    ProtocolError,
+    Reply,
+    ReplyError,
+)
+from .message import LOOP, Content
+from .settings import Config
+
+COMMAND_LIMIT = 512  # RFC 5321 §4.5.3.1.4
+MAIL_EXTRA = 26 + 10  # what SIZE (RFC 1870) and SMTPUTF8 (RFC 6531) add to MAIL after EHLO
+MAX_UNRECOGNIZED = 5  # the fifth unknown command ends the session
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"  # greeted; no HELO or EHLO yet
+    READY = "ready"  # HELO/EHLO done; no transaction
+    SENDER = "sender"  # MAIL accepted
+    RECIPIENTS = "recipients"  # at least one RCPT accepted
+    DATA = "data"  # reading the message content
+    CLOSED = "closed"  # QUIT answered, or the session ended
+
+
+class Next(enum.Enum):
+    """What the face does after writing a step's replies."""
+
+    COMMAND = "command"  # read the next command line
+    CONTENT = "content"  # read message content up to the end-of-data line, then `end_data`
+    CLOSE = "close"  # close the connection
+
+
+_ANY = {"HELO": State.READY, "EHLO": State.READY, "QUIT": State.CLOSED}
+TRANSITIONS: dict[State, dict[str, State]] = {
+    State.CONNECTED: {**_ANY, "RSET": State.CONNECTED},
+    State.READY: {**_ANY, "RSET": State.READY, "MAIL": State.SENDER},
+    State.SENDER: {**_ANY, "RSET": State.READY, "RCPT": State.RECIPIENTS},
+    State.RECIPIENTS: {**_ANY, "RSET": State.READY, "RCPT": State.RECIPIENTS, "DATA": State.DATA},
+    State.DATA: {},  # content, not commands; `end_data` leads back to READY
+    State.CLOSED: {},
+}
+STATELESS = frozenset({"NOOP", "VRFY", "HELP"})  # allowed in every command state, change nothing
+NOT_IMPLEMENTED = frozenset({"EXPN", "STARTTLS", "AUTH", "BDAT", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML"})
+
+NEED_HELO = Reply(503, "5.5.1", "Send HELO or EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first")
+NESTED_MAIL = Reply(503, "5.5.1", "Sender already given")
+OUT_OF_SEQUENCE: dict[tuple[State, str], Reply] = {
+    (State.CONNECTED, "MAIL"): NEED_HELO,
+    (State.CONNECTED, "RCPT"): NEED_HELO,
+    (State.CONNECTED, "DATA"): NEED_HELO,
+    (State.READY, "RCPT"): NEED_MAIL,
+    (State.READY, "DATA"): NEED_MAIL,
+    (State.SENDER, "DATA"): NEED_RCPT,
+    (State.SENDER, "MAIL"): NESTED_MAIL,
+    (State.RECIPIENTS, "MAIL"): NESTED_MAIL,
+}
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+
+SYNTAX_ERROR = Reply(500, "5.5.2", "Syntax error")
+COMMAND_TOO_LONG = Reply(500, "5.5.2", "Command line too long")
+UNRECOGNIZED = Reply(500, "5.5.1", "Command not recognized")
+TOO_MANY_UNRECOGNIZED = Reply(421, "4.7.0", "Too many unrecognized commands, closing connection")
+UNIMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+BAD_COMMAND_BYTES = Reply(501, "5.5.2", "NUL, bare CR or bare LF not allowed in a command line")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
+NULL_RCPT = Reply(501, "5.1.3", "Null recipient not allowed")
+UNKNOWN_PARAM = Reply(555, "5.5.4", "Parameter not recognized")
+BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+BAD_SIZE = Reply(501, "5.5.4", "SIZE must be a number")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+CANNOT_VRFY = Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt delivery")
+UNKNOWN_TOPIC = Reply(504, "5.5.4", "HELP topic not known")
+
+SYNTAX = {
+    "HELO": "HELO hostname",
+    "EHLO": "EHLO hostname",
+    "MAIL": "MAIL FROM:<address> [SP <mail-parameters>]",
+    "RCPT": "RCPT TO:<address>",
+    "DATA": "DATA",
+    "RSET": "RSET",
+    "NOOP": "NOOP [ignored]",
+    "VRFY": "VRFY <address>",
+    "HELP": "HELP [command]",
+    "QUIT": "QUIT",
+}
+_NO_ARGUMENT = {verb: Reply(501, "5.5.4", f"Syntax: {SYNTAX[verb]}") for verb in ("DATA", "RSET", "QUIT")}
+_NEEDS_ARGUMENT = {verb: Reply(501, "5.5.4", f"Syntax: {SYNTAX[verb]}") for verb in ("HELO", "EHLO", "VRFY")}
+_DIGITS = re.compile(r"[0-9]+\Z")  # not str.isdigit(): that takes "²", "١٢" and "１２"
+
+Check = Callable[[Address, str], object]
+"""The recipient policy: called with the recipient (domain filled in) and the sender
+("" for <>); raises `ReplyError` (usually ``RouteError``) to refuse."""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """The answer to one command line."""
+
+    replies: tuple[Reply, ...]
+    next: Next = Next.COMMAND
+    refused: ReplyError | None = None  # the error behind a refusal, for the face's log
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A complete transaction: the envelope and the checked content."""
+
+    sender: str  # "" for the null sender
+    recipients: tuple[str, ...]
+    smtputf8: bool
+    helo: str
+    protocol: str  # for the Received field: SMTP, ESMTP or UTF8SMTP
+    content: Content
+
+
+def wire(replies: Sequence[Reply]) -> bytes:
+    """Replies as they go on the wire: ``250-first`` … ``250 last``, CRLF each."""
+    lines = [str(r) for r in replies]
+    out = [f"{line[:3]}-{line[4:]}" for line in lines[:-1]] + lines[-1:]
+    return "".join(f"{line}\r\n" for line in out).encode("utf-8", "surrogateescape")
+
+
+class Transaction:
+    """One SMTP session's protocol state: HELO, the current transaction, the content.
+
+    ``strict`` is the network face: command lines must end in CRLF and DATA lines are
+    checked for bare CR/LF and length. ``check`` is the recipient policy (see `Check`).
+    """
+
+    def __init__(self, config: Config, check: Check, *, strict: bool = True) -> None:
+        self.hostname = config.hostname
+        self.max_size = config.server.max_message_size
+        self.max_recipients = config.server.max_recipients
+        self.max_received = config.server.max_received_headers
+        self.primary_domain = config.local.primary_domain
+        self.check = check
+        self.strict = strict
+        self.state = State.CONNECTED
+        self.helo_name = ""
+        self.extended = False
+        self.unrecognized = 0
+        self.content: Content | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sender: str | None = None
+        self.smtputf8 = False
+        self.recipients: list[str] = []
+        self.content = None
+
+    def greeting(self, ident: str) -> Reply:
+        return Reply(220, "", f"{self.hostname} {ident}")
+
+    # -- command lines --------------------------------------------------------------
+
+    def receive(self, line: bytes) -> Step:
+        """Decide one command line (with its line ending, if it had one)."""
+        if self.state in (State.DATA, State.CLOSED):
+            raise RuntimeError(f"command line received in state {self.state.value}")
+        bare_lf = False
+        if line.endswith(b"\r\n"):
+            line = line[:-2]
+        elif line.endswith(b"\n"):
+            line, bare_lf = line[:-1], self.strict
+        verb_bytes, _, arg_bytes = line.partition(b" ")
+        if not line.strip() or not verb_bytes.isascii():
+            return Step((SYNTAX_ERROR,))
+        verb = verb_bytes.decode("ascii").upper()
+        limit = COMMAND_LIMIT + (MAIL_EXTRA if verb == "MAIL" and self.extended else 0)
+        if len(line) > limit:
+            return Step((COMMAND_TOO_LONG,))
+        if verb in NOT_IMPLEMENTED:
+            return Step((UNIMPLEMENTED,))
+        handler = self._handlers.get(verb)
+        if handler is None:
+            self.unrecognized += 1
+            if self.unrecognized >= MAX_UNRECOGNIZED:
+                self.state = State.CLOSED
+                return Step((TOO_MANY_UNRECOGNIZED,), Next.CLOSE)
+            return Step((UNRECOGNIZED,))
+        if bare_lf or b"\x00" in line or b"\r" in line:
+            return Step((BAD_COMMAND_BYTES,))
+        arg = arg_bytes.strip().decode("utf-8", "surrogateescape")
+        try:
+            after = self._allowed(verb)
+            replies = handler(self, arg)
+        except ReplyError as exc:
+            return Step((exc.reply,), refused=exc)
+        if after is not None:
+            self.state = after
+        nxt = {State.DATA: Next.CONTENT, State.CLOSED: Next.CLOSE}.get(self.state, Next.COMMAND)
+        return Step(replies, nxt)
+
+    def overlong(self) -> Step:
+        """A command line too long even to be read whole (the face skipped it)."""
+        return Step((COMMAND_TOO_LONG,))
+
+    def _allowed(self, verb: str) -> State | None:
+        """The state after ``verb`` succeeds (None: unchanged), or the sequence error."""
+        if verb in STATELESS:
+            return None
+        after = TRANSITIONS[self.state].get(verb)
+        if after is None:
+            raise ProtocolError(OUT_OF_SEQUENCE.get((self.state, verb), BAD_SEQUENCE),
+                                f"{verb} in state {self.state.value}")
+        return after
+
+    # -- the commands (each returns its replies or raises ReplyError) ------------------
+
+    def helo(self, name: str) -> tuple[Reply, ...]:
+        return self._greet("HELO", name)
+
+    def ehlo(self, name: str) -> tuple[Reply, ...]:
+        replies = self._greet("EHLO", name)
+        return (*replies, *(Reply(250, "", ext) for ext in (
+            f"SIZE {self.max_size}", "8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES")))
+
+    def _greet(self, verb: str, name: str) -> tuple[Reply, ...]:
+        if not name:
+            raise ProtocolError(_NEEDS_ARGUMENT[verb])
+        self._reset()
+        self.helo_name = name
+        self.extended = verb == "EHLO"
+        return (Reply(250, "", self.hostname),)
+
+    def mail(self, arg: str) -> tuple[Reply, ...]:
+        if arg[:5].upper() != "FROM:":
+            raise ProtocolError(MAIL_SYNTAX)
+        address, params = parse_path(arg[5:], smtputf8=False)
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not _DIGITS.match(value):
+                    raise ProtocolError(BAD_SIZE, f"SIZE={value!r}")
+                if int(value) > self.max_size:
+                    raise ProtocolError(MESSAGE_TOO_BIG, f"SIZE={value}")
+            elif key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    raise ProtocolError(BAD_BODY, f"BODY={value!r}")
+            elif key != "SMTPUTF8" or value is not None:
+                raise ProtocolError(UNKNOWN_PARAM, f"MAIL parameter {key}")
+        self.sender = str(address) if address else ""
+        self.smtputf8 = "SMTPUTF8" in params
+        return (SENDER_OK,)
+
+    def rcpt(self, arg: str) -> tuple[Reply, ...]:
+        if arg[:3].upper() != "TO:":
+            raise ProtocolError(RCPT_SYNTAX)
+        address, params = parse_path(arg[3:], smtputf8=self.smtputf8)
+        if address is None:
+            raise ProtocolError(NULL_RCPT)
+        if params:
+            raise ProtocolError(UNKNOWN_PARAM, f"RCPT parameters {sorted(params)}")
+        if len(self.recipients) >= self.max_recipients:
+            raise ProtocolError(TOO_MANY_RECIPIENTS)
+        address = Address(address.local, address.domain or self.primary_domain, address.quoted)
+        self.check(address, self.sender or "")
+        rcpt = str(address)
+        if rcpt not in self.recipients:
+            self.recipients.append(rcpt)
+        return (RCPT_OK,)
+
+    def data(self, arg: str) -> tuple[Reply, ...]:
+        if arg:
+            raise ProtocolError(_NO_ARGUMENT["DATA"])
+        self.content = Content(self.max_size, strict=self.strict)
+        return (START_DATA,)
+
+    def rset(self, arg: str) -> tuple[Reply, ...]:
+        if arg:
+            raise ProtocolError(_NO_ARGUMENT["RSET"])
+        self._reset()
+        return (OK,)
+
+    def noop(self, arg: str) -> tuple[Reply, ...]:
+        return (OK,)
+
+    def vrfy(self, arg: str) -> tuple[Reply, ...]:
+        if not arg:
+            raise ProtocolError(_NEEDS_ARGUMENT["VRFY"])
+        return (CANNOT_VRFY,)  # never says whether a user exists
+
+    def help(self, arg: str) -> tuple[Reply, ...]:
+        if not arg:
+            return (Reply(214, "2.0.0", "Supported commands: " + " ".join(sorted(SYNTAX))),)
+        topic = arg.split()[0].upper()
+        if topic not in SYNTAX:
+            raise ProtocolError(UNKNOWN_TOPIC)
+        return (Reply(214, "2.0.0", f"Syntax: {SYNTAX[topic]}"),)
+
+    def quit(self, arg: str) -> tuple[Reply, ...]:
+        if arg:
+            raise ProtocolError(_NO_ARGUMENT["QUIT"])
+        return (BYE,)
+
+    _handlers: dict[str, Callable[[Transaction, str], tuple[Reply, ...]]] = {
+        "HELO": helo, "EHLO": ehlo, "MAIL": mail, "RCPT": rcpt, "DATA": data, "RSET": rset,
+        "NOOP": noop, "VRFY": vrfy, "HELP": help, "QUIT": quit,
+    }
+
+    # -- the end of DATA ---------------------------------------------------------------
+
+    def end_data(self) -> Message | Reply:
+        """The content has been read to its end: the `Message`, or the refusal. Either
+        way the transaction is over and the session is READY for the next one."""
+        if self.state is not State.DATA or self.content is None:
+            raise RuntimeError(f"end of data in state {self.state.value}")
+        content, sender, recipients, smtputf8 = self.content, self.sender or "", self.recipients, self.smtputf8
+        self._reset()
+        self.state = State.READY
+        try:
+            content.finish()
+        except ReplyError as exc:
+            return exc.reply
+        if content.received > self.max_received:
+            return LOOP
+        protocol = ("UTF8SMTP" if smtputf8 else "ESMTP") if self.extended else "SMTP"
+        return Message(sender, tuple(recipients), smtputf8, self.helo_name, protocol, content)
