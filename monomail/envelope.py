@@ -5,7 +5,8 @@ with RFC 6531 for UTF-8 addresses) into an `Address`, and define the immutable v
 the engines pass around (`Envelope`, `Outcome`).
 
 Security stance: parsing is strict about what can smuggle. Invalid UTF-8, control
-characters, NUL, CR and LF are refused. Source routes (``<@a,@b:user@c>``) are parsed
+characters (C0, DEL, C1), NUL, CR and LF are refused, in the path (553 5.1.3) and in
+ESMTP parameter values (501 5.5.4). Source routes (``<@a,@b:user@c>``) are parsed
 and *recorded* but routing ignores them (RFC 5321 §3.6.1 allows ignoring them); a
 quoted local part is unquoted and marked, so the router can refuse local parts that
 smuggle another address (``"x@other"@us``, ``x%other@us``, ``other!x@us``).
@@ -35,7 +36,7 @@ _LABEL = re.compile(r"[A-Za-z0-9_\x80-\U0010ffff](?:[A-Za-z0-9_\-\x80-\U0010ffff
                     r"[A-Za-z0-9_\x80-\U0010ffff])?\Z")
 _PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
 MAX_PATH = 256  # RFC 5321 §4.5.3.1.3, octets including the angle brackets
 MAX_LOCAL_PART = 64  # §4.5.3.1.1
@@ -141,7 +142,6 @@ def parse_path(arg: str, *, smtputf8: bool = True) -> tuple[Address | None, dict
     Returns ``(None, params)`` for the null path ``<>``. Raises `AddressError` with the
     reply to send. A bare address without angle brackets is accepted, as Postfix does.
     """
-    _check_text(arg, True)
     arg = arg.strip(" ")
     if not arg:
         raise AddressError(_NO_PATH, "empty path")
@@ -158,6 +158,7 @@ def parse_path(arg: str, *, smtputf8: bool = True) -> tuple[Address | None, dict
         path, rest = arg[1:end], arg[end + 1 :]
     else:
         path, _, rest = arg.partition(" ")
+    _check_text(path, True)
     if len(path.encode("utf-8", "surrogateescape")) + 2 > MAX_PATH:
         raise AddressError(_TOO_LONG, "path longer than 256 octets")
     params = _parse_params(rest)
@@ -183,7 +184,8 @@ def _parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     for word in text.split():
         key, eq, value = word.partition("=")
-        if not _PARAM_KEY.match(key) or (eq and not value):
+        if not _PARAM_KEY.match(key) or (eq and not value) or _CONTROL.search(value) or _SURROGATE.search(value):
+            # a value with control characters or invalid UTF-8 is a bad parameter, not a bad address
             raise AddressError(_PARAM_SYNTAX, f"bad parameter {word!r}")
         params[key.upper()] = value if eq else None
     return params

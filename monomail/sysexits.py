@@ -1,15 +1,18 @@
 """Exit codes and one-line failures for the commands other programs call.
 
 Job: the sysexits(3) codes that ``monomail sendmail`` and ``monomail deliver`` answer
-with (so cron, PHP, Postfix and Exim know whether to retry), the `Failure` exception
-that carries one, and the two helpers both commands share: print one line, never a
-traceback; send log lines to stderr only with ``-v``.
+with (so cron, PHP, Postfix and Exim know whether to retry), and the two helpers both
+commands share: print one line, never a traceback; send log lines to stderr only with
+``-v``. The exception that carries a code is ``errors.Failure`` (the one exception tree).
+An error nobody classified exits ``EX_TEMPFAIL`` (DESIGN invariant 2).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+
+from .errors import Failure  # noqa: F401 - only for mda, until it imports errors.Failure itself
 
 EX_OK = 0
 EX_USAGE = 64
@@ -22,15 +25,6 @@ EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
-
-
-class Failure(Exception):
-    """A failure with its sysexits code and one-line reason."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def fail(prog: str, code: int, message: str) -> int:

@@ -39,7 +39,7 @@ CRON_MESSAGE = (
 
 def sendmail(config: Path, *args: str, stdin: bytes = b"", timeout: float = 25) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MONOMAIL_CONFIG": str(config)}
-    proc = subprocess.run([sys.executable, "-m", "monomail.submit", *args], input=stdin, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "monomail.sendmail", *args], input=stdin, capture_output=True,
                           timeout=timeout, env=env, cwd=config.parent)
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
                                        proc.stderr.decode("utf-8", "replace"))
@@ -258,8 +258,9 @@ def test_without_a_server_the_message_is_spooled_and_delivered_at_start(tmp_path
     [entry] = spool_entries(tmp_path)
     qid = entry.stem
     data = entry.with_suffix(".msg").read_bytes()
+    # The queue id is made by Spool.journal_new (the one way to journal a new message), so
+    # our Received field no longer names it ("with local id"); -bp and the log do.
     assert data.startswith(b"Received: by mx.example.test (monomail sendmail, from userid ")
-    assert f"with local id {qid}".encode() in data
     assert b"\nBcc:" not in data and b"\r" not in data
     assert not maildir_messages(tmp_path, "alice")
 
@@ -280,7 +281,7 @@ def test_without_a_server_the_message_is_spooled_and_delivered_at_start(tmp_path
         msg = headers(raw)
         assert msg["Return-Path"] == f"<{LOGIN}@example.test>"
         assert b"\nBcc:" not in raw
-        assert any(f"with local id {qid}" in r for r in msg.get_all("Received"))
+        assert any("(monomail sendmail, from userid" in r for r in msg.get_all("Received"))
         assert "naïve Größe".encode() in raw
 
 
@@ -355,19 +356,51 @@ def test_nul_byte_and_missing_config(tmp_path: Path):
     assert not spool_entries(tmp_path)
 
 
-def test_unwritable_spool_is_a_clear_failure(tmp_path: Path):
+def test_unwritable_spool_is_a_temporary_failure(tmp_path: Path):
+    """Issue 8, defect 9: a spool that cannot be written is temporary (75, the caller keeps
+    the message and retries), not 73 or 77, which callers take as permanent."""
     config, _ = _stopped_config(tmp_path)
     (tmp_path / "spool").write_text("a file where the spool folder should be\n")
     result = sendmail(config, "alice", stdin=b"Subject: x\n\ny\n")
-    assert result.returncode in (73, 77), result.stderr
+    assert result.returncode == 75, result.stderr
     assert "cannot write to the spool" in one_line_error(result)
+
+
+def test_an_error_nobody_classified_is_temporary(tmp_path: Path):
+    """Issue 8, defect 9: an internal error (here: no standard input at all, so Python has
+    no sys.stdin) exits 75 EX_TEMPFAIL with one line, not 70 EX_SOFTWARE."""
+    config, _ = _stopped_config(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MONOMAIL_CONFIG": str(config)}
+    proc = subprocess.run([sys.executable, "-m", "monomail.sendmail", "alice"], capture_output=True, text=True,
+                          timeout=25, env=env, cwd=tmp_path, preexec_fn=lambda: os.close(0))
+    assert proc.returncode == 75, proc.stderr
+    line = one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, proc.stderr))
+    assert "try again later" in line
+    assert not spool_entries(tmp_path)
+
+
+@pytest.mark.parametrize("command", [["-m", "monomail", "sendmail", "--help"], ["-m", "monomail.sendmail", "--help"],
+                                     ["-m", "monomail.sendmail", "-t", "--help"]])
+def test_sendmail_help(tmp_path: Path, command: list[str]):
+    """Issue 8, defect 15: ``monomail --help`` sends people to ``monomail sendmail --help``,
+    which said "unknown option --" and exited 64. It prints the usage and exits 0."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MONOMAIL_CONFIG": str(tmp_path / "none.toml")}
+    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=25, env=env,
+                          cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: monomail sendmail ")
+    assert "-bs" in proc.stdout and "--help" in proc.stdout and proc.stderr == ""
+    top = subprocess.run([sys.executable, "-m", "monomail", "--help"], capture_output=True, text=True, timeout=25,
+                         env=env, cwd=tmp_path)
+    assert "monomail sendmail --help" in " ".join(top.stdout.split())
 
 
 # -- the pure parts, without processes --------------------------------------------------
 
 
 def test_parse_args_like_getopt():
-    from monomail.submit import UsageError, parse_args
+    from monomail.errors import UsageError
+    from monomail.sendmail.options import parse_args
 
     opts = parse_args(["-ti", "-fme@x.test", "-F", "Me", "-oem", "-B", "8BITMIME", "-odi", "a", "-b"])
     assert (opts.extract, opts.ignore_dots, opts.sender, opts.full_name) == (True, True, "me@x.test", "Me")
@@ -381,7 +414,7 @@ def test_parse_args_like_getopt():
 
 
 def test_prepare_completes_headers_and_drops_bcc():
-    from monomail.submit import normalize, prepare
+    from monomail.sendmail.compose import normalize, prepare
 
     raw = normalize(b"From MAILER-DAEMON Sat Nov 28 10:00:00 2026\r\nTo: a, \"B\" <b@x.test>\r\n"
                     b"Cc: c@x.test\r\nBcc: d@x.test,\r\n e@x.test\r\nSubject: s\r\n\r\nbody\r")
@@ -399,9 +432,10 @@ def test_prepare_completes_headers_and_drops_bcc():
 
 
 def test_message_without_headers_and_long_lines():
-    from monomail.submit import prepare, split_message, wrap_long_lines
+    from monomail.message import split_header
+    from monomail.sendmail.compose import prepare, wrap_long_lines
 
-    assert split_message(b"not a header line\nSubject: x\n") == ([], b"not a header line\nSubject: x\n")
+    assert split_header(b"not a header line\nSubject: x\n") == (b"", b"not a header line\nSubject: x\n")
     p = prepare(b"plain output\n", from_address="m@x", full_name="", hostname="h", extract=False)
     assert p.data.endswith(b"\n\nplain output\n")
     text = "é".encode() * 700  # 1,400 octets, two per character
@@ -412,7 +446,7 @@ def test_message_without_headers_and_long_lines():
 
 
 def test_exit_code_of_refusals():
-    from monomail.submit import exit_code
+    from monomail.sendmail.handover import exit_code
 
     assert exit_code({"a": "550 5.1.1 No such user here"}) == 67
     assert exit_code({"a": "553 5.1.3 Bad address syntax"}) == 67

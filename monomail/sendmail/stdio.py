@@ -1,0 +1,133 @@
+"""``monomail sendmail -bs``: SMTP on standard input and output, on the server's own core.
+
+Job: the stdio glue of the SMTP transaction core (``transaction``), as Postfix's
+sendmail runs smtpd there (PHP's and Symfony's mailers use it). Every command is decided
+by the same `Transaction` as ``monomail serve`` decides it, so both faces answer alike.
+Recipients are checked at RCPT time with the server's policy (a trusted, local client:
+unknown users 550 5.1.1; an error nobody classified leaves the decision to the server
+at delivery time). After DATA the message is completed like any local submission
+(``compose.prepare``) and goes the usual way (``handover``: the running server, else
+the spool); the reply says how that went.
+
+The two differences from the network face are those of a local submission, and are the
+core's ``strict=False``: lines may end in a bare LF, and long message lines are broken
+rather than refused. The exit status is 0 unless the session itself failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import BinaryIO
+
+from ..envelope import Address
+from ..errors import Failure, Reply, ReplyError, reply_for
+from ..policy import check_recipient
+from ..settings import Config
+from ..sysexits import EX_OK
+from ..tables import FileTables
+from ..transaction import Message, Next, Transaction, wire
+from .compose import envelope_sender, login, normalize, prepare
+from .handover import describe, submit
+from .options import Options
+
+IDENT = "ESMTP monomail sendmail"
+MAX_COMMAND = 1003  # longer command lines are skipped and refused (as serve does)
+CHUNK = 64 * 1024
+TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")
+
+log = logging.getLogger("monomail.sendmail")
+
+
+class StdioSMTP:
+    """One ``-bs`` session on a pair of binary streams."""
+
+    def __init__(self, config: Config, opts: Options, rfile: BinaryIO, wfile: BinaryIO) -> None:
+        self.config = config
+        self.opts = opts
+        self.rfile = rfile
+        self.wfile = wfile
+        self.tables = FileTables()
+        self.login, self.gecos = login()
+        self.core = Transaction(config, self._check_recipient, strict=False)
+
+    def _check_recipient(self, address: Address, sender: str) -> None:
+        try:
+            check_recipient(address, self.config, trusted=True, sender=sender, tables=self.tables)
+        except ReplyError:
+            raise
+        except Exception as exc:  # the server decides at delivery time
+            log.info("cannot check <%s> now: %r", address, exc)
+
+    def send(self, replies: tuple[Reply, ...]) -> None:
+        self.wfile.write(wire(replies))
+        self.wfile.flush()
+
+    def run(self) -> int:
+        self.send((self.core.greeting(IDENT),))
+        while True:
+            line = self.rfile.readline(MAX_COMMAND)
+            if not line:
+                return EX_OK  # the client went away
+            if len(line) == MAX_COMMAND and not line.endswith(b"\n"):
+                while (more := self.rfile.readline(CHUNK)) and not more.endswith(b"\n"):
+                    pass
+                step = self.core.overlong()
+            else:
+                step = self.core.receive(line)
+            self.send(step.replies)
+            if step.next is Next.CONTENT:
+                if not self._read_content():
+                    return EX_OK  # the client went away in DATA: nothing was accepted
+                self.send((self._finish(),))
+            elif step.next is Next.CLOSE:
+                return EX_OK
+
+    def _read_content(self) -> bool:
+        content = self.core.content
+        assert content is not None
+        at_line_start = True
+        while True:
+            chunk = self.rfile.readline(CHUNK)
+            if not chunk:
+                return False
+            if at_line_start and chunk.rstrip(b"\r\n") == b".":
+                return True
+            content.feed(chunk)
+            at_line_start = chunk.endswith(b"\n")
+
+    def _finish(self) -> Reply:
+        result = self.core.end_data()
+        if isinstance(result, Reply):
+            return result
+        return self._hand_over(result)
+
+    def _hand_over(self, msg: Message) -> Reply:
+        primary = self.config.local.primary_domain
+        sender = msg.sender
+        prepared = prepare(normalize(msg.content.join()),
+                           from_address=sender or envelope_sender(None, self.login, primary),
+                           full_name=self.gecos if self.opts.full_name is None else self.opts.full_name,
+                           hostname=self.config.hostname, extract=False)
+        try:
+            result = submit(self.config, sender, list(msg.recipients), prepared.data, uid=os.getuid())
+        except Failure as exc:  # temporary: the spool cannot be written
+            log.info("not accepted: %s", exc.message)
+            reply = reply_for(exc.__cause__ or exc)
+            return Reply(reply.code, reply.status, "Local error: message not accepted, try again later")
+        if not result.sent and not result.queued:
+            first = next(iter(result.refused.values()), str(TRANSACTION_FAILED))
+            return _parsed(first) if first[:1] == "5" else TRANSACTION_FAILED
+        how = f"queued as {result.queue_id}" if result.queued else "sent"
+        if result.refused:
+            how += "; refused: " + describe(result.refused)
+        return Reply(250, "2.0.0", f"Ok: {how}")
+
+
+def _parsed(text: str) -> Reply:
+    """A reply the server (or the policy) gave, as text, back into a `Reply`."""
+    code, _, rest = text.partition(" ")
+    status, _, words = rest.partition(" ")
+    if status[:1] == code[:1] and status.count(".") == 2:
+        return Reply(int(code), status, words)
+    return Reply(int(code), "", rest)
