@@ -146,9 +146,14 @@ class Session(SMTP):
                 elif step.next is Next.CLOSE:
                     self.hang_up()
                     return
-        except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
+        except asyncio.CancelledError:  # aiosmtpd's connection_lost / eof_received
             self.hang_up()
             raise
+        except (ConnectionError, asyncio.IncompleteReadError):  # the client went away
+            self.hang_up()
+        except Exception as exc:  # a bug of ours: this connection ends, the others go on
+            log.error("internal error in SMTP session with [%s]: %r", self.peer_ip, exc, exc_info=exc)
+            self.hang_up()
 
     async def _next_command(self) -> Step:
         reader = self._reader  # internal 2

@@ -21,12 +21,12 @@ import os
 from typing import BinaryIO
 
 from ..envelope import Address
-from ..errors import Failure, Reply, ReplyError, reply_for
+from ..errors import LOCAL_ERROR, Failure, Reply, ReplyError, reply_for
 from ..policy import check_recipient
 from ..settings import Config
 from ..sysexits import EX_OK
 from ..tables import FileTables
-from ..transaction import Message, Next, Transaction, wire
+from ..transaction import Message, Next, Step, Transaction, wire
 from .compose import envelope_sender, login, normalize, prepare
 from .handover import describe, submit
 from .options import Options
@@ -74,7 +74,11 @@ class StdioSMTP:
                     pass
                 step = self.core.overlong()
             else:
-                step = self.core.receive(line)
+                try:
+                    step = self.core.receive(line)
+                except Exception as exc:  # nobody classified it: temporary, as serve answers
+                    log.error("internal error in the -bs session: %r", exc)
+                    step = Step((LOCAL_ERROR,))
             self.send(step.replies)
             if step.next is Next.CONTENT:
                 if not self._read_content():
@@ -100,7 +104,11 @@ class StdioSMTP:
         result = self.core.end_data()
         if isinstance(result, Reply):
             return result
-        return self._hand_over(result)
+        try:
+            return self._hand_over(result)
+        except Exception as exc:  # nobody classified it: temporary, as serve answers
+            log.error("internal error after DATA: %r", exc)
+            return LOCAL_ERROR
 
     def _hand_over(self, msg: Message) -> Reply:
         primary = self.config.local.primary_domain
