@@ -231,7 +231,13 @@ class Deliverer:
         ]
 
     async def _mbox(self, path: Path, item: mailstore.MboxItem) -> None:
-        """Queue ``item`` for ``path``; the first caller writes every waiting item in batches."""
+        """Queue ``item`` for ``path``; the first caller writes every waiting item in batches.
+
+        The wait for another program's lock (up to ``local.lock_timeout``) is cut into
+        slices of at most half a second in the worker thread, with the loop in between,
+        so a cancelled delivery (shutdown) never leaves a thread blocked for the whole
+        timeout. Waiters whose writer stopped get a temporary error; cancelled ones are
+        left alone."""
         loop = asyncio.get_running_loop()
         batch = self._mbox_pending.setdefault(path, _MboxBatch())
         fut: asyncio.Future[None] = loop.create_future()
@@ -243,16 +249,27 @@ class Deliverer:
                 while path in self._mbox_pending:
                     todo = self._mbox_pending.pop(path)
                     try:
-                        await loop.run_in_executor(
-                            self.executor, mailstore.deliver_mbox, path, todo.items,
-                            self.config.local.lock_timeout,
-                        )
-                    except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                        deadline = loop.time() + self.config.local.lock_timeout
+                        while True:
+                            wait = min(max(deadline - loop.time(), 0.001), 0.5)
+                            try:
+                                await loop.run_in_executor(
+                                    self.executor, mailstore.deliver_mbox, path, todo.items, wait)
+                                break
+                            except mailstore.MailboxLocked:
+                                if loop.time() >= deadline:
+                                    raise
+                    except Exception as exc:
                         for w in todo.waiters:
                             if not w.done():
-                                w.set_exception(exc if isinstance(exc, Exception) else OSError(str(exc)))
-                        if not isinstance(exc, Exception):
-                            raise
+                                w.set_exception(exc)
+                    except BaseException:  # cancelled: nobody will await our own future
+                        for w in todo.waiters:
+                            if w is fut:
+                                w.cancel()
+                            elif not w.done():
+                                w.set_exception(OSError("mbox writer stopped"))
+                        raise
                     else:
                         for w in todo.waiters:
                             if not w.done():
@@ -261,6 +278,6 @@ class Deliverer:
                 self._mbox_writing.discard(path)
                 stranded = self._mbox_pending.pop(path, None)
                 for w in stranded.waiters if stranded else ():
-                    w.set_exception(OSError("mbox writer stopped"))
+                    if not w.done():
+                        w.set_exception(OSError("mbox writer stopped"))
         await fut
-
