@@ -183,8 +183,13 @@ class Spool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
-            raise SpoolBusy(f"another monomail serve is using the spool {self.dir}") from exc
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise SpoolBusy(f"another monomail serve{who} is using the spool {self.dir}") from exc
+        with contextlib.suppress(OSError):  # who holds it, for the message above
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
     def store(self, entry: QueueEntry, data: bytes) -> None:

@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, free_port, write_config
 
 HOLD_LOCK = """\
@@ -94,3 +95,52 @@ def test_blocked_mbox_write_does_not_hold_up_shutdown(tmp_path: Path):
     assert "never retrieved" not in text, text
     assert took < 4.5, f"stopping took {took:.1f}s with a 2s grace"
     assert (mail / "bob").read_bytes() == b""  # nothing was written under the other program's lock
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_modes_do_not_depend_on_the_umask(tmp_path: Path):
+    """Defect 14: under umask 000, what serve creates is still private."""
+    port = free_port()
+    config = write_config(tmp_path, server={"listen": [f"127.0.0.1:{port}"], "spool_dir": "var/spool/monomail"},
+                          local={"mail_dir": "var/mail"}, log={"level": "info", "file": "var/log/monomail/mail.log"})
+    proc = start_serve(config, port, tmp_path / "stdout.log", preexec_fn=lambda: os.umask(0))
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            assert s.sendmail("me@remote.test", ["alice@example.test"], b"Subject: modes\r\n\r\nx\r\n") == {}
+        var = tmp_path / "var"
+        assert mode(var / "mail") == 0o700  # where .forward and recipes are read
+        assert mode(var / "spool") == 0o700 and mode(var / "spool" / "monomail") == 0o700
+        assert mode(var / "log" / "monomail") == 0o700
+        assert mode(var / "log" / "monomail" / "mail.log") == 0o600
+        assert mode(var / "spool" / "monomail" / "monomail.pid") == 0o600
+        assert mode(var / "spool" / "monomail" / ".serve.lock") == 0o600
+        assert "started" in (var / "log" / "monomail" / "mail.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_stale_maildir_tmp_files_are_removed_at_start(tmp_path: Path):
+    """Defect 15: a kill leaves files in a Maildir's tmp/; those older than 36 h go at start-up."""
+    from monomail import mailstore
+
+    if not hasattr(mailstore, "clean_maildir_tmp"):
+        pytest.skip("mailstore.clean_maildir_tmp is not on this branch yet")
+    port = free_port()
+    config = write_config(tmp_path, server={"listen": [f"127.0.0.1:{port}"], "spool_dir": "spool"})
+    tmp = tmp_path / "mail" / "alice" / "tmp"
+    for sub in ("tmp", "new", "cur"):
+        (tmp.parent / sub).mkdir(parents=True)
+    old, fresh = tmp / "1.M1P1Q1.host", tmp / "2.M2P2Q2.host"
+    old.write_bytes(b"half a message")
+    fresh.write_bytes(b"being written")
+    two_days_ago = time.time() - 48 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    proc = start_serve(config, port, tmp_path / "server.log")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert not old.exists() and fresh.exists()
+    assert "removed 1 stale file(s) from tmp/" in (tmp_path / "server.log").read_text()
