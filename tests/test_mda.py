@@ -136,10 +136,10 @@ def test_a_recipe_forward_is_journalled_as_the_recipes_left_it(tmp_path: Path):
     (entry,) = (tmp_path / "spool").glob("*.json")
     record = json.loads(entry.read_text())
     assert [r["address"] for r in record["recipients"]] == ["friend@remote.test"]
-    assert [r["state"] for r in record["recipients"]] == ["deferred"]
     forwarded = email.message_from_bytes(entry.with_suffix(".msg").read_bytes())
     assert forwarded["Delivered-To"] == "alice@example.test"  # the loop marker travels with it
     assert forwarded.get_payload().strip() == "QUIET WORDS"  # what the recipes filtered
+    assert [r["state"] for r in record["recipients"]] == ["deferred"]
     box = mailbox.Maildir(home, factory=None, create=False)
     [kept] = [email.message_from_bytes(box.get_bytes(k)) for k in box.iterkeys()]
     assert kept.get_payload().strip() == "QUIET WORDS"  # c: alice keeps her copy

@@ -56,9 +56,9 @@ def test_queue_list_and_show_give_reply_cause_and_host(serve, dns, port, peer):
     cfg = str(server.config.path)
     listed = cli("queue", "list", "-c", cfg)
     assert listed.returncode == 0, listed.stderr
-    assert "deferred <temp@remote.test>  attempts 1" in listed.stdout
-    assert "last reply: 450 4.2.0 try later" in listed.stdout
     assert "remote host: mx1.remote.test" in listed.stdout
+    assert "last reply: 450 4.2.0 try later" in listed.stdout
+    assert "deferred <temp@remote.test>  attempts 1" in listed.stdout
     assert "cause: " in listed.stdout
     (qid,) = [p.stem for p in server.config.server.spool_dir.glob("*.json")]
     shown = cli("queue", "show", qid, "-c", cfg)
