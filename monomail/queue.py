@@ -310,14 +310,18 @@ class Queue:
         return entry, [(bounce.id, now)]
 
     def _quarantine(self, name: str, exc: SpoolError) -> None:
-        """Move a damaged entry aside and say so, once (worker thread)."""
+        """Move a damaged entry aside and say so, once (worker thread). Looked at again
+        under the spool lock first: an entry removed or rewritten meanwhile is left alone."""
         try:
             with self.spool.locked():
-                where = self.spool.quarantine(name, str(exc))
+                still = self.spool.inspect(name)
+                if not isinstance(still, CorruptEntry):
+                    return
+                where = self.spool.quarantine(name, str(still))
         except (SpoolError, OSError) as err:
             maillog.problem(name, f"{exc}; cannot move it aside: {err}")
             return
-        maillog.problem(name, f"{exc}; moved to {where}")
+        maillog.problem(name, f"{still}; moved to {where}")
 
     # -- retrying ---------------------------------------------------------------
 

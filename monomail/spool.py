@@ -278,21 +278,26 @@ class Spool:
         return self._paths(qid)[1].exists()
 
     def scan(self) -> Iterator[tuple[str, QueueEntry | SpoolError]]:
-        """Every entry by name: the entry, or why it cannot be had (`CorruptEntry` for a
-        damaged one, `SpoolError` for one that cannot be read now). Never raises but
-        for an unreadable folder."""
+        """Every entry by name, as `inspect` finds it. Raises `SpoolError` only for a
+        folder that cannot be listed."""
         for name in self._names():
-            if not _valid_id(name):
-                yield name, CorruptEntry(name, f"{name}.json is not named like a queue entry")
-                continue
-            try:
-                entry = self.load(name)
-                if not self._paths(name)[0].exists():
-                    raise CorruptEntry(name, f"queue entry {name} has no message file")
-            except SpoolError as exc:
-                yield name, exc
-            else:
-                yield name, entry
+            yield name, self.inspect(name)
+
+    def inspect(self, name: str) -> QueueEntry | SpoolError:
+        """The entry named ``name``, or why it cannot be had: `CorruptEntry` for a damaged
+        one, `SpoolError` for one that cannot be read now or is gone."""
+        if not _valid_id(name):
+            if not (self.dir / f"{name}.json").exists():
+                return SpoolError(f"no queue entry {name}")
+            return CorruptEntry(name, f"{name}.json is not named like a queue entry")
+        try:
+            entry = self.load(name)
+            if not self._paths(name)[0].exists():
+                self.load(name)  # removed meanwhile (the record goes first)? then this raises
+                raise CorruptEntry(name, f"queue entry {name} has no message file")
+        except SpoolError as exc:
+            return exc
+        return entry
 
     def quarantine(self, name: str, reason: str) -> Path:
         """Move a damaged entry's files into ``corrupt/`` with a ``<name>.reason``; the
