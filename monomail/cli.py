@@ -3,6 +3,12 @@
 Job: parse arguments, load the config, call the right face, map failures to exit codes:
 0 success, 1 runtime failure, 2 bad usage or bad configuration (the error names the
 key). Every error is one line on stderr, never a traceback.
+
+``queue list`` and ``queue show`` say for each recipient not yet delivered its state
+(the mail log's words: deferred, failed), attempts, the last reply, its cause, the
+remote host and the next attempt; damaged entries are listed with why (in the spool
+still, or moved aside into ``corrupt/`` by the server). Text from the spool reaches the
+terminal with control characters escaped.
 """
 
 from __future__ import annotations
@@ -57,10 +63,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _age(seconds: float) -> str:
-    return duration(seconds)
-
-
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
@@ -80,8 +82,8 @@ def _recipient_lines(r: QueuedRecipient, now: float) -> list[str]:
         lines.append(f"remote host: {_safe(r.remote_host)}")
     if r.gave_up:
         lines.append("gave up (message too old)")
-    if r.pending and r.next_attempt is not None:
-        lines.append(f"next attempt in {_age(r.next_attempt - now)}")
+    if r.deferred and r.next_attempt is not None:
+        lines.append(f"next attempt in {duration(r.next_attempt - now)}")
     return lines
 
 
@@ -97,7 +99,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
             damaged += 1
             continue
         hold = " (held)" if got.hold else ""
-        print(f"{got.id}  age {_age(now - got.received_at)}  size {spool.message_size(got.id)}"
+        print(f"{got.id}  age {duration(now - got.received_at)}  size {spool.message_size(got.id)}"
               f"  from <{_safe(got.sender)}>{hold}")
         for r in got.recipients:
             if r.state is Status.DELIVERED:
@@ -150,7 +152,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
 
 def _release(entry: QueueEntry) -> QueueEntry:
     """Every deferred recipient due now."""
-    return entry.updated({r.address: replace(r, next_attempt=0.0) for r in entry.pending})
+    return entry.updated({r.address: replace(r, next_attempt=0.0) for r in entry.deferred})
 
 
 def _edit(args: argparse.Namespace, change: str) -> int:

@@ -187,8 +187,8 @@ class Queue:
             maillog.problem(env.id, f"not journalled, answering 451: {exc}")
             return LOCAL_ERROR
         self._schedule_all(changed)
-        if entry.pending:
-            maillog.queued(env.id, len(entry.pending), (entry.due() or now) - now)
+        if entry.deferred:
+            maillog.queued(env.id, len(entry.deferred), (entry.due() or now) - now)
             return Reply(250, "2.0.0", f"OK queued as {env.id}")
         return Reply(250, "2.0.0", f"OK {env.id}, failures reported to the sender")
 
@@ -197,7 +197,7 @@ class Queue:
         store what is deferred. Returns the entry and the schedule changes."""
         failed = {r.address for r in entry.recipients if r.state is Status.PERMANENT}
         entry, changed = self._report(entry, data, now, failed_now=failed)
-        if entry.pending:
+        if entry.deferred:
             self.spool.store(entry, data)
             changed.append((entry.id, entry.due()))
         return entry, changed
@@ -250,22 +250,22 @@ class Queue:
             updates: dict[str, QueuedRecipient] = {}
             for o in outcomes:
                 r = _recipient(entry, o.recipient)
-                if r is None or not r.pending or o.recipient in updates:
+                if r is None or not r.deferred or o.recipient in updates:
                     continue
                 updates[o.recipient] = new = apply_outcome(r, o, now, self.config.retry)
                 maillog.outcome(qid, o, attempt=new.attempts)
             entry = entry.updated(updates)
             newly_failed = {a for a, r in updates.items() if r.state is Status.PERMANENT}
-            if expired(entry.received_at, self.config.give_up_after, now) and entry.pending:
-                for r in entry.pending:
+            if expired(entry.received_at, self.config.give_up_after, now) and entry.deferred:
+                for r in entry.deferred:
                     log.info("%s: to=<%s> gave up after %.0fs; last reply: %s", qid, r.address,
                              now - entry.received_at, r.reply or EXPIRED)
-                newly_failed |= {r.address for r in entry.pending}
-                entry = entry.updated({r.address: give_up(r) for r in entry.pending})
+                newly_failed |= {r.address for r in entry.deferred}
+                entry = entry.updated({r.address: give_up(r) for r in entry.deferred})
             data = self.spool.message(qid) if newly_failed or self._warn_due(entry, now) else b""
             entry, reported = self._report(entry, data, now, failed_now=newly_failed)
             changed += reported
-            if entry.pending:
+            if entry.deferred:
                 self.spool.update(entry)
             else:
                 self.spool.remove(qid)
@@ -275,7 +275,7 @@ class Queue:
     def _warn_due(self, entry: QueueEntry, now: float) -> bool:
         after = self.config.warn_after
         return (after is not None and not entry.warned and now - entry.received_at >= after
-                and bool(entry.pending))
+                and bool(entry.deferred))
 
     def _report(self, entry: QueueEntry, data: bytes, now: float,
                 failed_now: Collection[str]) -> tuple[QueueEntry, list[Due]]:
@@ -293,7 +293,7 @@ class Queue:
             until = entry.received_at + self.config.give_up_after
             reports += [
                 RecipientReport(r.address, "delayed", _reply_status(r), str(r.reply or ""), r.remote_host, now, until)
-                for r in entry.pending
+                for r in entry.deferred
             ]
         if not reports:
             return entry, []
@@ -438,7 +438,7 @@ class Queue:
         if entry.hold:
             return
         now = self.clock()
-        todo = [r for r in entry.pending if (r.next_attempt or 0.0) <= now]
+        todo = [r for r in entry.deferred if (r.next_attempt or 0.0) <= now]
         if not todo:
             self._schedule(qid, entry.due())
             return

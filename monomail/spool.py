@@ -82,7 +82,8 @@ class QueuedRecipient:
     gave_up: bool = False  # failed because the message grew too old
 
     @property
-    def pending(self) -> bool:
+    def deferred(self) -> bool:
+        """Still to be tried."""
         return self.state is Status.TEMPORARY
 
 
@@ -105,14 +106,15 @@ class QueueEntry:
                         self.smtputf8, self.size)
 
     @property
-    def pending(self) -> tuple[QueuedRecipient, ...]:
-        return tuple(r for r in self.recipients if r.pending)
+    def deferred(self) -> tuple[QueuedRecipient, ...]:
+        """The recipients still to be tried."""
+        return tuple(r for r in self.recipients if r.deferred)
 
     def due(self) -> float | None:
         """When the entry next needs work, or None (held, or nothing deferred)."""
         if self.hold:
             return None
-        times = [r.next_attempt or 0.0 for r in self.pending]
+        times = [r.next_attempt or 0.0 for r in self.deferred]
         return min(times) if times else None
 
     def updated(self, changed: Mapping[str, QueuedRecipient]) -> QueueEntry:

@@ -63,7 +63,7 @@ def test_a_record_of_the_release_before_is_read():
     assert alice.state is Status.DELIVERED and alice.finished == ("mailbox:alice",) and alice.reply is None
     assert x.state is Status.PERMANENT and x.gave_up and x.remote_host == "mx1.remote.test"
     assert x.reply == Reply(451, "4.4.1", "No mail host answered, will retry")
-    assert entry.pending == (bob,) and entry.due() == 1764339600.0
+    assert entry.deferred == (bob,) and entry.due() == 1764339600.0
 
 
 def test_round_trip_writes_one_vocabulary_and_structured_replies():
