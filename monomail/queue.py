@@ -178,9 +178,9 @@ class Queue:
             first = outcomes[0].reply
             return Reply(552 if first.code == 552 else 554, first.status, first.text)  # DATA replies: RFC 5321 4.3.2
         now = self.clock()
-        entry = new_entry(env, now)
-        entry = entry.updated({o.recipient: apply_outcome(r, o, now, self.config.retry)
-                               for o in outcomes if (r := _recipient(entry, o.recipient)) is not None})
+        fresh = new_entry(env, now)
+        entry = fresh.updated({o.recipient: apply_outcome(r, o, now, self.config.retry)
+                               for o in outcomes if (r := _recipient(fresh, o.recipient)) is not None})
         try:
             entry, changed = await asyncio.to_thread(self._journal, entry, data, now)
         except SpoolError as exc:
