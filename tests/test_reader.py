@@ -536,7 +536,7 @@ KILLED = textwrap.dedent("""
     from pathlib import Path
     from monomail import mailstore, mboxrewrite, reader
     path, case, step = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    mboxrewrite._fault = lambda name: os._exit(9) if name == step else None
+    mboxrewrite.fault = lambda name: os._exit(9) if name == step else None
     folder = reader.MboxFolder(path, 5)
     msgs = folder.load()
     if case == "grow":  # read marks only: the file gets longer
@@ -578,7 +578,8 @@ def test_a_reader_killed_mid_rewrite_loses_nothing(tmp_path: Path, case: str, st
     journal = mboxrewrite.journal_path(box)
     assert journal.exists() == (step != "done")
     if torn:
-        start, boundary, region = mboxrewrite._read_journal(box)
+        journal = mboxrewrite.read_journal(box)
+        start, region = journal.start, journal.region
         size = box.stat().st_size
         with box.open("r+b") as f:
             if step == "dotlock":  # a part of the newline padding
