@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="monomail mail",
         description="Read a local mailbox (mbox file or Maildir folder), like binmail/mailx.",
         epilog="Commands at the prompt: ? lists them.",
+        add_help=False,  # -h is ours: argparse's own help swallows a write error (see _main)
     )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help message and exit")
     parser.add_argument("-c", "--config", help="configuration file (default: ./monomail.toml)")
     who = parser.add_mutually_exclusive_group()
     who.add_argument("-u", "--user", help="read this configured user's mailbox (default: the login name)")
@@ -117,8 +119,11 @@ def main(argv: Sequence[str], config_path: str | None = None, *, submit: Submit 
 def _main(argv: Sequence[str], config_path: str | None, submit: Submit | None, inp: TextIO, out: TextIO) -> int:
     try:
         args = build_parser().parse_args(list(argv))
-    except SystemExit as exc:
+    except SystemExit as exc:  # a usage error, told on stderr
         return exc.code if isinstance(exc.code, int) else 2
+    if args.help:
+        write(out, build_parser().format_help())  # a closed pipe here is main's to answer
+        return 0
     try:
         return _run(args, config_path, submit, inp, out)
     except (OutputClosed, BrokenPipeError):
