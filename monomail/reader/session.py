@@ -62,6 +62,9 @@ def write(out: TextIO, text: str) -> None:
 
 
 class Session:
+    """One reading session over the loaded ``messages`` of ``folder``; `run` is the loop,
+    `command` one line of it, `quit` the commit. Output goes through `write`."""
+
     def __init__(self, folder: Folder, messages: list[Message], *, out: TextIO, inp: TextIO,
                  submit: Submit, sender: str, from_addr: str, domain: str | None, lock_timeout: float) -> None:
         self.folder = folder
