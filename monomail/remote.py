@@ -197,16 +197,20 @@ class Resolver:
         try:
             answer = await self.r.resolve(name, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
-            raise DestinationError(Reply(550, "5.1.2", f"Domain {name} does not exist (DNS: NXDOMAIN)")) from exc
+            raise DestinationError(Reply(550, "5.1.2", f"Domain {name} does not exist (DNS: NXDOMAIN)"),
+                                   f"{name} {rdtype}: NXDOMAIN") from exc
         except dns.resolver.NoNameservers as exc:
             # "All nameservers failed to answer the query q: Server ... answered SERVFAIL"
             why = str(exc).partition(": ")[2] or "no name server answered"
-            raise DestinationError(Reply(451, "4.4.3", f"DNS lookup of {name} {rdtype} failed: {why}")) from exc
+            raise DestinationError(Reply(451, "4.4.3", f"DNS lookup of {name} {rdtype} failed: {why}"),
+                                   str(exc)) from exc
         except dns.exception.Timeout as exc:
             raise DestinationError(Reply(
-                451, "4.4.3", f"DNS lookup of {name} {rdtype} failed: no answer within {self.r.lifetime:g}s")) from exc
+                451, "4.4.3", f"DNS lookup of {name} {rdtype} failed: no answer within {self.r.lifetime:g}s"),
+                str(exc)) from exc
         except dns.exception.DNSException as exc:
-            raise DestinationError(Reply(451, "4.4.3", f"DNS lookup of {name} {rdtype} failed: {exc}")) from exc
+            raise DestinationError(Reply(451, "4.4.3", f"DNS lookup of {name} {rdtype} failed: {exc}"),
+                                   f"{name} {rdtype}: {type(exc).__name__}: {exc}") from exc
         return answer if answer.rrset is not None else None
 
     async def mx_hosts(self, domain: str) -> list[str]:
@@ -215,7 +219,8 @@ class Resolver:
         if answer is None:
             return [domain]
         if any(r.exchange == dns.name.root for r in answer):
-            raise DestinationError(Reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)"))
+            raise DestinationError(Reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)"),
+                                   f"{domain} MX: 0 .")
         records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
         by_pref: dict[int, list[str]] = defaultdict(list)
         for pref, host in records:
@@ -302,8 +307,9 @@ class Transport:
         if not targets:
             if temp:
                 raise temp
-            raise DestinationError(Reply(550, "5.1.2", f"Domain {domain} has no mail host with an address"
-                                                       f" ({', '.join(names)})"))
+            shown = ", ".join(names)
+            raise DestinationError(Reply(550, "5.1.2", f"Domain {domain} has no mail host with an address ({shown})"),
+                                   f"{domain}: no A or AAAA record for {shown}")
         return targets
 
     # -- sending ---------------------------------------------------------------------
@@ -315,8 +321,8 @@ class Transport:
         try:
             targets = await self._targets(domain)
         except DestinationError as exc:
-            log.info("%s: %s", domain, exc.reply)
-            return [RemoteResult(r, exc.reply, detail=str(exc.reply)) for r in recipients]
+            log.info("%s: %s (%s)", domain, exc.reply, exc.detail)
+            return [RemoteResult(r, exc.reply, detail=f"{exc.reply} ({exc.detail})") for r in recipients]
         dest = self.rc.smarthost or domain
         sem = self._per_dest.setdefault(dest, asyncio.Semaphore(self.rc.max_connections_per_domain))
         failed: list[HostError] = []

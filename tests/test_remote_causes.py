@@ -258,3 +258,12 @@ def test_give_up_bounce_holds_the_real_cause(serve, dns, port):
     assert cause in " ".join(block["Diagnostic-Code"].split())
     assert cause in " ".join(text.get_payload(decode=True).decode().split())
     assert "will retry" not in dsn.as_string().lower()
+
+
+def test_mx_host_without_address_is_named(serve, dns, port):
+    dns.mx("empty.test", (10, "mx.empty.test"))
+    dns.nxdomain("mx.empty.test")
+    server = relay(serve, dns, port)
+    code, text = send(server, ["x@empty.test"])
+    assert code == 554  # every recipient failed: the client is told at once
+    assert text == b"5.1.2 Domain empty.test has no mail host with an address (mx.empty.test)"
