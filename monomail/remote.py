@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import ssl
 import time
@@ -169,7 +170,8 @@ def _os_reason(exc: OSError) -> str:
     """``connection refused``, ``no route to host``...: the socket's own words, lower case."""
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    reason = exc.strerror or str(exc) or type(exc).__name__
+    # asyncio's strerror is "Connect call failed (...)": the errno's own words say more
+    reason = (os.strerror(exc.errno) if exc.errno else exc.strerror) or str(exc) or type(exc).__name__
     return reason[:1].lower() + reason[1:]
 
 
