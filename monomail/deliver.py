@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mailstore
-from .config import Config
 from .envelope import Address, Envelope, Outcome, Spawn, Status
 from .errors import Reply, RouteError, reply_for
 from .message import delivery_headers, header_block
 from .remote import Transport
 from .rewrite import forward_sender, masquerade_address, masquerade_headers
 from .router import Destination, ListPost, Mailbox, Remote, Tables, resolve
+from .settings import Config
 from .userfilter import UserFilters
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")

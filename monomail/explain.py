@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from .config import Config
 from .envelope import Address, parse_path
 from .errors import AddressError
 from .remote import DestinationError, Resolver
 from .rewrite import forward_sender, masquerade_address
 from .router import Mailbox, Node, Remote, Tables, expand
+from .settings import Config
 
 
 def _sender_for(dest: Mailbox | Remote, sender: str | None, config: Config) -> str | None:

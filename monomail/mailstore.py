@@ -158,7 +158,7 @@ def from_line(sender: str, when: float) -> bytes:
 
 
 @contextmanager
-def _locked_mbox(path: Path, timeout: float) -> Iterator[int]:
+def locked_mbox(path: Path, timeout: float) -> Iterator[int]:
     """Open ``path`` for appending with the thread, fcntl and dot-lock held.
 
     Yields the fd; on entry any half-written tail left by a dead monomail writer has
@@ -196,6 +196,15 @@ def _locked_mbox(path: Path, timeout: float) -> Iterator[int]:
             delay = min(delay * 2, 0.25)
     finally:
         thread_lock.release()
+
+
+def write_dotlock(dotlock: Path, size: int) -> None:
+    """Record in our dot-lock the mbox length a writer started from (held locks only)."""
+    fd = os.open(dotlock, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"monomail %d\n" % size)
+    finally:
+        os.close(fd)
 
 
 def _take_dotlock(fd: int, dotlock: Path) -> bool:
@@ -238,7 +247,7 @@ def deliver_mbox(path: Path, items: Sequence[MboxItem], lock_timeout: float) -> 
     Each item's chunks are already mboxrd-quoted with LF endings. All or nothing: on
     any error the file is cut back to its old length.
     """
-    with _locked_mbox(path, lock_timeout) as fd:
+    with locked_mbox(path, lock_timeout) as fd:
         size = os.fstat(fd).st_size
         out: list[bytes] = []
         if size:
@@ -261,5 +270,5 @@ def deliver_mbox(path: Path, items: Sequence[MboxItem], lock_timeout: float) -> 
 def recover_mbox(path: Path, lock_timeout: float = 1.0) -> None:
     """Truncate a half-written tail left by a monomail writer that died (start-up)."""
     if path.with_name(path.name + ".lock").exists() and path.exists():
-        with _locked_mbox(path, lock_timeout):
+        with locked_mbox(path, lock_timeout):
             pass

@@ -8,7 +8,7 @@ the new content is. Blocking.
 
 The rewrite runs under the very locks monomail's delivery takes (``mailstore``'s
 in-process lock, fcntl lock and ``<mbox>.lock`` dot-lock, via
-``mailstore._locked_mbox``), so no delivery can interleave with it. Under them the
+``mailstore.locked_mbox``), so no delivery can interleave with it. Under them the
 file is read again: the bytes loaded when the session began must still be its prefix,
 or the reader stops with a clear message and changes nothing (another reader rewrote
 it). Bytes past that prefix are mail that arrived during the session; they are kept
@@ -164,7 +164,7 @@ def _read_journal(mbox: Path) -> tuple[int, int, bytes]:
 
 
 def _set_dotlock(mbox: Path, size: int) -> None:
-    """Update the held dot-lock's record (see ``mailstore._take_dotlock``), atomically."""
+    """Update the held dot-lock's record (see ``mailstore.write_dotlock``), atomically."""
     _atomic_write(mbox.with_name(mbox.name + ".lock"), b"monomail %d\n" % size)
 
 
@@ -228,7 +228,7 @@ def finish_interrupted_rewrite(mbox: Path, lock_timeout: float = DEFAULT_LOCK_TI
     """If a reader died rewriting ``mbox``, finish its rewrite now; True if there was one."""
     if not journal_path(mbox).exists():
         return False
-    with _no_interrupts(), mailstore._locked_mbox(mbox, lock_timeout) as fd:
+    with _no_interrupts(), mailstore.locked_mbox(mbox, lock_timeout) as fd:
         _no_append(fd)
         if not journal_path(mbox).exists():
             return False

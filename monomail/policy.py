@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import ipaddress
 
-from .config import Config
 from .envelope import Address
 from .errors import RouteError
 from .router import RELAY_DENIED, Destination, Tables, is_our_domain, resolve
+from .settings import Config
 
 
 def is_trusted(peer_ip: str, config: Config) -> bool:

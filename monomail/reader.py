@@ -281,7 +281,7 @@ class MboxFolder:
             return []
         if not self.path.is_file():
             raise ReaderError(f"{self.path}: neither a file nor a Maildir folder (cur/, new/, tmp/)")
-        with _no_interrupts(), mailstore._locked_mbox(self.path, self.lock_timeout) as fd:
+        with _no_interrupts(), mailstore.locked_mbox(self.path, self.lock_timeout) as fd:
             _no_append(fd)
             if journal_path(self.path).exists():
                 _replay(fd, self.path)
@@ -295,7 +295,7 @@ class MboxFolder:
         kept = len(messages) - len(deleted)
         if not deleted and not marked:
             return _held(self.path, kept, 0, 0)
-        with _no_interrupts(), mailstore._locked_mbox(self.path, self.lock_timeout) as fd:
+        with _no_interrupts(), mailstore.locked_mbox(self.path, self.lock_timeout) as fd:
             _no_append(fd)
             size = os.fstat(fd).st_size
             loaded = len(self.data)

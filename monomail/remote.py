@@ -62,8 +62,8 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from .config import Config, RemoteConfig
 from .errors import DeliveryError, DestinationError, HostError, MonomailError, Reply
+from .settings import Config, RemoteConfig
 
 log = logging.getLogger("monomail.remote")
 

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from .config import Config, MailingList, User
 from .envelope import Address
 from .errors import Reply, RouteError
+from .settings import Config, MailingList, User
 
 MAX_DEPTH = 20
 

@@ -21,7 +21,7 @@ import os
 import threading
 from pathlib import Path
 
-from .config import MailingList, User
+from .settings import MailingList, User
 
 log = logging.getLogger("monomail.tables")
 

@@ -87,7 +87,7 @@ def test_writer_killed_mid_write_leaves_nothing_half_written(tmp_path: Path):
             import os, signal
             from pathlib import Path
             from monomail import mailstore
-            with mailstore._locked_mbox(Path({str(path)!r}), 1) as fd:
+            with mailstore.locked_mbox(Path({str(path)!r}), 1) as fd:
                 os.write(fd, b"From half@x Thu Jan  1 00:00:00 1970\\nSubject: half\\n\\npartial bo")
                 os.kill(os.getpid(), signal.SIGKILL)
         """)], cwd=Path(__file__).resolve().parent.parent, timeout=30,
@@ -103,7 +103,7 @@ def test_writer_killed_mid_write_leaves_nothing_half_written(tmp_path: Path):
             import os, signal
             from pathlib import Path
             from monomail import mailstore
-            with mailstore._locked_mbox(Path({str(path)!r}), 1) as fd:
+            with mailstore.locked_mbox(Path({str(path)!r}), 1) as fd:
                 os.write(fd, b"From half@x Thu Jan  1 00:00:00 1970\\nSubject: half\\n")
                 os.kill(os.getpid(), signal.SIGKILL)
         """)], cwd=Path(__file__).resolve().parent.parent, timeout=30)
