@@ -174,10 +174,10 @@ def parse_special(text: str, *, strict: bool = False) -> Refusal | Discard | Non
             rest = rest[c.end() :]
         else:
             break
-    if word == "error:" and code is None and status is None and (x := _SYSEXIT.match(rest)):
-        if x.group(1).lower() in _SYSEXITS:
-            code, status = _SYSEXITS[x.group(1).lower()]
-            rest = rest[x.end() :]
+    x = _SYSEXIT.match(rest) if word == "error:" and code is None and status is None else None
+    if x and x.group(1).lower() in _SYSEXITS:
+        code, status = _SYSEXITS[x.group(1).lower()]
+        rest = rest[x.end() :]
     classes = {str(code)[0] if code else None, status[0] if status else None} - {None}
     if "2" in classes:
         raise ValueError(f"a refusal needs a 4xx or 5xx reply, not {code or status}")
