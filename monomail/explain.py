@@ -19,8 +19,8 @@ import asyncio
 from collections.abc import Sequence
 
 from .envelope import Address, parse_path
-from .errors import AddressError
-from .remote import DestinationError, Resolver
+from .errors import AddressError, DestinationError
+from .remote import Resolver
 from .rewrite import forward_sender, masquerade_address
 from .router import Destination, Mailbox, Node, Remote, Tables, expand
 from .settings import Config

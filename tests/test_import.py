@@ -413,3 +413,29 @@ def test_imported_aliases_route_the_same_through_monomail_route(tmp_path: Path) 
         got = set(re.findall(r"user (\w+) \(users\.\w+\) ->", r.stdout))
         got |= set(re.findall(r"^\s*(\S+@partner\.test): remote", r.stdout, re.MULTILINE))
         assert got == want, (name, r.stdout)
+
+
+def test_what_does_not_parse_is_reported_never_made_into_users(tmp_path: Path):
+    (tmp_path / "aliases").write_text(
+        "odd: :fail: 4.2.1 Not permanent at all\n"  # a :fail: with a temporary status
+        'open: "unclosed quote, alice\n'
+        "mixed: bob, :fail: This user has left, carol\n"  # the :fail: answers for all of mixed
+        "bin: /dev/null, alice\n"  # /dev/null beside others delivers nothing: left out
+    )
+    (tmp_path / "fwd").write_text(":fail: not from a .forward\nCarol Smith <carol@example.net>\n")
+    result = convert(aliases=tmp_path / "aliases", forwards=[("dave", tmp_path / "fwd")])
+    data = tomllib.loads(result.toml)
+    assert data["users"] == {"alice": {}, "dave": {}}
+    assert data["aliases"] == {"mixed": [":fail: 5.1.1 This user has left, carol"], "bin": ["alice"]}
+    assert data["forward"] == {"dave": {"to": ["carol@example.net"], "keep_copy": False}}
+    a = tmp_path / "aliases"
+    assert result.report == (
+        f'{a}:1: ":fail: 4.2.1 Not permanent at all" not understood (:fail: refuses for good: its status is '
+        "5.x.x (:defer: is for 4.x.x)); left out",
+        f'{a}:1: alias "odd" has no translatable targets; left out',
+        f'{a}:2: ""unclosed quote, alice" not understood (a quote is not closed); left out',
+        f'{a}:2: alias "open" has no translatable targets; left out',
+        f'{a}:3: "bob" left out: ":fail: This user has left, carol" answers for all of mixed, as Exim reads it',
+        f'{tmp_path / "fwd"}:1: ":fail: not from a .forward" not translated (a monomail forward delivers; '
+        "it cannot refuse or discard)",
+    )
