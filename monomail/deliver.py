@@ -121,7 +121,8 @@ class Deliverer:
         for rcpt in recipients:
             if rcpt in refused:
                 refusal = refused[rcpt]
-                outcomes.append(Outcome(rcpt, Status.PERMANENT, refusal.reply, refusal.detail))
+                status = Status.TEMPORARY if refusal.reply.temporary else Status.PERMANENT  # a :defer: alias
+                outcomes.append(Outcome(rcpt, status, refusal.reply, refusal.detail))
                 continue
             dests = routed[rcpt]
             done = tuple(d.key for d in dests if results[d.key].reply.code < 300)

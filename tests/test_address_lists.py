@@ -207,3 +207,20 @@ def test_refusal_through_sendmail_bs_too(imported, tmp_path: Path):
     out = subprocess.run([sys.executable, "-m", "monomail", "sendmail", "-bs"], input=session,
                          capture_output=True, timeout=30, env=env)
     assert b"550 5.1.1 This user has left\r\n" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_defer_alias_met_at_delivery_time_is_temporary(tmp_path: Path):
+    """A :defer: reached when the message is delivered (not at RCPT: here through the MDA)
+    is a temporary failure: exit 75, so the calling MTA keeps the message; never a bounce."""
+    path = write_config(tmp_path, aliases={"postmaster": ["alice"], "moving": [":defer: 4.2.1 Moving, try later"],
+                                           "gone": [":fail: 5.1.1 This user has left"]})
+    message = b"From: a@example.test\nSubject: x\n\nhello\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    results = {}
+    for user in ("moving", "gone"):
+        run = subprocess.run([sys.executable, "-m", "monomail", "deliver", "-c", str(path), "-u", user, "-f", "a@x.test"],
+                             input=message, capture_output=True, timeout=30, cwd=tmp_path, env=env)
+        results[user] = (run.returncode, run.stderr.decode())
+    assert results["moving"][0] == 75, results
+    assert "4.2.1 Moving, try later" in results["moving"][1]
+    assert results["gone"][0] == 67, results
