@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 TMP_PREFIX = ".tmp."  # readers of a folder skip names that start with this
+Chunk = bytes | bytearray | memoryview
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -31,7 +32,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, chunks: Sequence[bytes]) -> None:
+def write_all(fd: int, chunks: Sequence[Chunk]) -> None:
     """Write every byte of ``chunks`` (``writev``, resuming after short writes)."""
     views = [memoryview(c) for c in chunks if c]
     while views:
@@ -48,12 +49,12 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
 
 
-def write_file(path: Path, data: bytes | Sequence[bytes], *, mode: int = 0o600, sync_dir: bool = True) -> None:
+def write_file(path: Path, data: Chunk | Sequence[Chunk], *, mode: int = 0o600, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically and durably (temp, fsync, rename, fsync dir).
 
     ``sync_dir=False`` leaves the folder's fsync to the caller (one for several files).
     """
-    chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+    chunks: list[Chunk] = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
