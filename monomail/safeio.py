@@ -14,6 +14,7 @@ temporary file is removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from collections.abc import Sequence
@@ -74,15 +75,21 @@ def write_file(path: Path, data: Chunk | Sequence[Chunk], *, mode: int = 0o600, 
 
 
 def make_dirs(path: Path, mode: int = 0o700) -> None:
-    """``mkdir -p`` with ``mode`` on every folder it creates, whatever the umask."""
+    """``mkdir -p`` with ``mode`` on every folder it creates, whatever the umask; folders
+    that exist keep their mode. Raises ``NotADirectoryError`` if something that is not
+    a folder is in the way."""
     missing = []
     p = path
-    while not p.exists():
+    while not p.is_dir():
         missing.append(p)
         if p.parent == p:
             break
         p = p.parent
     for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(folder, mode)
-            os.chmod(folder, mode)
+        except FileExistsError:
+            if not folder.is_dir():  # a file, or a link to nowhere
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder)) from None
+            continue  # made meanwhile by someone else
+        os.chmod(folder, mode)  # mkdir's mode was masked by the umask

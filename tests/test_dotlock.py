@@ -15,10 +15,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fulldisk import fill, open_fds, small_tmpfs
 
 from monomail import mailstore, mboxlock
 from monomail.errors import MailboxLocked
@@ -245,37 +245,6 @@ def test_sigkill_storm_on_the_locking_never_blocks_the_next_writer(tmp_path: Pat
 
 
 # --------------------------------------------------------------------------- full disk
-
-
-@contextlib.contextmanager
-def small_tmpfs(where: Path) -> Iterator[Path]:
-    where.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("needs root to mount a small tmpfs")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(where)],
-                          capture_output=True, timeout=10)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], timeout=10)
-
-
-def fill(folder: Path) -> Path:
-    filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"x" * 4096)
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"x")
-    return filler
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def test_full_disk_leaves_no_lock_and_leaks_no_fd(tmp_path: Path):
