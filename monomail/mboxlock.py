@@ -1,9 +1,12 @@
 """Locking an mbox file, and judging a dot-lock somebody left behind.
 
-Job: `locked_mbox` holds an mbox for one writer: an in-process lock (POSIX fcntl locks
-do not exclude threads of one process), then an fcntl lock on the file *and* a
-``<mbox>.lock`` dot-lock, as Postfix's local(8), procmail and mutt lock a mailbox; the
-wait for them is bounded (`MailboxLocked` after ``timeout``). `write_dotlock` updates the
+Job: `locked_mbox` holds an mbox for one writer: an in-process lock per path (our
+threads queue rather than poll), then an fcntl lock on the file *and* a ``<mbox>.lock``
+dot-lock, as Postfix's local(8), procmail and mutt lock a mailbox; the wait for them is
+bounded (`MailboxLocked` after ``timeout``). The fcntl lock is an open-file-description
+lock where Linux has them: other programs see an ordinary fcntl lock, and unlike a
+POSIX one it excludes our own threads too and survives the closing of another fd of
+the same file in this process. `write_dotlock` updates the
 record in a held dot-lock; `recover_mbox` repairs a mailbox after a crash (start-up).
 Not here: what is written into the mbox (``mailstore``, ``mboxrewrite``). Blocking;
 callers run it off the event loop.
@@ -52,6 +55,7 @@ import fcntl
 import os
 import re
 import stat
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -69,6 +73,10 @@ _PID = re.compile(rb"\s*(\d{1,10})\s*")
 _MAX_LOCK_READ = 256
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.EXDEV)
 
+# F_OFD_SETLK (Linux 3.15+) conflicts with POSIX fcntl/lockf locks of other programs, and
+# belongs to our fd, not to the process (see the module docstring). Elsewhere: lockf.
+_ofd: int = getattr(fcntl, "F_OFD_SETLK", 0)
+_WHOLE_FILE_WRITE_LOCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)  # struct flock, pid 0
 _path_locks: dict[Path, threading.Lock] = {}
 _path_locks_guard = threading.Lock()
 
@@ -166,13 +174,31 @@ def _open_mbox(path: Path) -> int:
     return fd
 
 
-def _try_lock(fd: int, dotlock: Path) -> str:
-    """Take the fcntl lock and the dot-lock: "" when both are held, else why not."""
+def _fcntl_lock(fd: int) -> bool:
+    """Try for an exclusive fcntl lock on the whole file; False if someone holds one."""
+    global _ofd
+    if _ofd:
+        try:
+            fcntl.fcntl(fd, _ofd, _WHOLE_FILE_WRITE_LOCK)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            if exc.errno != errno.EINVAL:
+                raise
+            _ofd = 0  # a kernel without OFD locks: classic POSIX locks from now on
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # from offset 0 (just opened) to any end
     except OSError as exc:
         if exc.errno not in (errno.EAGAIN, errno.EACCES):
             raise
+        return False
+    return True
+
+
+def _try_lock(fd: int, dotlock: Path) -> str:
+    """Take the fcntl lock and the dot-lock: "" when both are held, else why not."""
+    if not _fcntl_lock(fd):
         return "fcntl lock held"
     for _ in range(3):  # a lock broken or gone meanwhile is tried again at once
         if _link_new(dotlock, record(os.fstat(fd).st_size)):

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -313,3 +314,66 @@ def test_no_fd_leaks_while_waiting_for_a_foreign_lock(tmp_path: Path):
 
 def test_mailbox_locked_is_the_one_in_errors():
     assert mailstore.MailboxLocked is MailboxLocked
+
+
+# --------------------------------------------------------------------------- one process, two fds
+
+
+HOLDS_LOCK = """
+import fcntl, sys
+f = open(sys.argv[1], "r+b")
+try:
+    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    print("held")
+else:
+    print("free")
+"""
+
+
+def fcntl_lock_seen_by_another_process(path: Path) -> bool:
+    out = subprocess.run([sys.executable, "-c", HOLDS_LOCK, str(path)], capture_output=True, timeout=30)
+    return out.stdout == b"held\n"
+
+
+def test_closing_another_fd_of_the_mbox_keeps_our_fcntl_lock(tmp_path: Path):
+    """With POSIX locks, closing *any* fd of the file drops the process's lock, so mutt
+    or procmail could write while we do. Our lock belongs to our fd."""
+    path = tmp_path / "box"
+    deliver(path, timeout=1)
+    with mailstore.locked_mbox(path, 1):
+        assert fcntl_lock_seen_by_another_process(path)
+        with open(path, "rb") as other:  # e.g. a mailbox.mbox() read elsewhere in the process
+            other.read()
+        assert fcntl_lock_seen_by_another_process(path)
+    assert not fcntl_lock_seen_by_another_process(path)
+
+
+def test_a_second_path_to_the_same_mbox_in_one_process_waits(tmp_path: Path):
+    """A symlink is another path, so another in-process lock; the fcntl lock must still
+    keep the second thread out (before, it took our live record for a dead writer's and
+    cut our message off)."""
+    path = tmp_path / "box"
+    alias = tmp_path / "alias"
+    alias.symlink_to(path)
+    deliver(path, timeout=1)
+    good = path.read_bytes()
+    result: list[BaseException | None] = []
+    with mailstore.locked_mbox(path, 1) as fd:
+        os.write(fd, b"From a@x Thu Jan  1 00:00:00 1970\nSubject: in progress\n")
+
+        def other() -> None:
+            try:
+                deliver(alias, timeout=0.3, subject="other")
+                result.append(None)
+            except BaseException as exc:
+                result.append(exc)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(10)
+        os.write(fd, b"\nbody\n\n")
+    assert len(result) == 1 and isinstance(result[0], MailboxLocked)
+    assert path.read_bytes() == good + b"From a@x Thu Jan  1 00:00:00 1970\nSubject: in progress\n\nbody\n\n"
+    deliver(alias, timeout=1, subject="other")
+    assert [m["Subject"] for m in mailbox.mbox(path, create=False)] == ["one", "in progress", "other"]
