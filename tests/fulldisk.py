@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import subprocess
@@ -40,4 +41,7 @@ def fill(folder: Path) -> Path:
 
 
 def open_fds() -> int:
+    """How many fds this process has open (after a collection: other tests' garbage
+    closing its fds meanwhile must not count)."""
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))

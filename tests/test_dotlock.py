@@ -259,7 +259,7 @@ def test_full_disk_leaves_no_lock_and_leaks_no_fd(tmp_path: Path):
             with pytest.raises(OSError) as info:
                 deliver(path, timeout=1)
             assert info.value.errno == errno.ENOSPC
-        assert open_fds() == before
+        assert open_fds() <= before  # none leaked
         assert stray_files(disk, path) == ["filler"]  # no empty box.lock, no temp file
         assert path.read_bytes() == good
         filler.unlink()
@@ -279,7 +279,7 @@ def test_full_disk_mid_message_cuts_back_and_unlocks(tmp_path: Path):
         with pytest.raises(OSError) as info:
             mailstore.deliver_mbox(path, [("a@x", 0.0, [b"Subject: big\n\n" + b"y" * 200_000])], 1)
         assert info.value.errno == errno.ENOSPC
-        assert open_fds() == before
+        assert open_fds() <= before  # none leaked
         assert path.read_bytes() == good
         assert stray_files(disk, path) == ["filler"]
 
@@ -294,7 +294,7 @@ def test_write_dotlock_on_a_full_disk_keeps_the_old_record(tmp_path: Path):
             with contextlib.suppress(OSError):
                 mailstore.write_dotlock(lock, 12345)
             assert lock.read_bytes() in (b"monomail 0\n", b"monomail 12345\n")
-            assert open_fds() == before
+            assert open_fds() <= before  # none leaked
         assert not lock.exists()
 
 
@@ -306,7 +306,7 @@ def test_no_fd_leaks_while_waiting_for_a_foreign_lock(tmp_path: Path):
         before = open_fds()
         with pytest.raises(MailboxLocked):
             deliver(path, timeout=0.3)
-        assert open_fds() == before
+        assert open_fds() <= before  # none leaked
     finally:
         sleeper.kill()
         sleeper.wait()

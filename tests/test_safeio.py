@@ -72,7 +72,7 @@ def test_write_file_on_a_full_disk_keeps_the_old_file(tmp_path: Path):
         assert info.value.errno == errno.ENOSPC
         assert target.read_bytes() == b"old content"
         assert sorted(os.listdir(disk)) == ["filler", "t"]
-        assert open_fds() == before
+        assert open_fds() <= before  # none leaked
 
 
 def test_write_all_resumes_after_short_writes(tmp_path: Path):
