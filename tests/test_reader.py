@@ -405,7 +405,7 @@ def test_q_waits_for_a_locked_mbox_then_offers_x(tmp_path: Path):
     before = box.read_bytes()
     lock = box.with_name("bob.lock")
     def foreign_lock() -> None:
-        lock.write_text("4242\n")
+        lock.write_text("0\n")  # a foreign dot-lock with no pid: honoured
 
     rc, out = session(["-c", str(cfg), "-u", "bob"], "d 1", foreign_lock, "q", "x")
     assert rc == 0 and "locked by another program; q tries again, x quits without changes" in out
