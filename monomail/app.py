@@ -46,7 +46,6 @@ from .tables import FileTables
 log = logging.getLogger("monomail")
 
 IO_THREADS = 32  # concurrent mailbox writes: lets fsyncs of many messages overlap
-MAILDIR_TMP_MAX_AGE = 36 * 3600.0  # the Maildir spec: tmp/ files this old are leftovers
 LOG_MODE = 0o600
 
 
@@ -103,15 +102,14 @@ class App:
         log.info("monomail started as %s", self.config.hostname)
 
     async def _repair_mailboxes(self) -> None:
-        clean_tmp = getattr(mailstore, "clean_maildir_tmp", None)  # newer mailstore; absent before
         for user in self.config.users.values():
             try:
                 if user.mailbox_format == "mbox":
                     await asyncio.to_thread(mailstore.recover_mbox, user.path)
                     # a `monomail mail` killed mid-rewrite left a journal: finish it first
                     await asyncio.to_thread(finish_interrupted_rewrite, user.path, self.config.local.lock_timeout)
-                elif clean_tmp is not None and user.path.is_dir():
-                    removed = await asyncio.to_thread(clean_tmp, user.path, MAILDIR_TMP_MAX_AGE)
+                elif user.path.is_dir():  # what a kill left in tmp/, older than the Maildir spec's 36 h
+                    removed = await asyncio.to_thread(mailstore.clean_maildir_tmp, user.path)
                     if removed:
                         log.info("maildir %s: removed %d stale file(s) from tmp/", user.path, removed)
             except (OSError, mailstore.MailboxLocked) as exc:

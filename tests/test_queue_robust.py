@@ -88,7 +88,7 @@ def test_damaged_entries_are_moved_aside_and_the_server_starts(tmp_path: Path):
 def test_a_message_that_cannot_be_read_for_a_while_is_retried(process_server, tmp_path: Path):
     mail = tmp_path / "mail"
     mail.mkdir()
-    (mail / "bob.lock").write_text("999\n")  # another program holds bob's mbox
+    (mail / "bob.lock").write_text("0\n")  # another program holds bob's mbox (no pid: honoured)
     server = process_server(local={"lock_timeout": "0.05s"}, queue={"retry": ["1s"]})
     cfg = str(server.config_path)
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:
@@ -126,7 +126,7 @@ class FlakyClock:
 def test_a_failing_retry_runner_is_restarted(serve, tmp_path: Path, caplog):
     mail = tmp_path / "mail"
     mail.mkdir()
-    (mail / "bob.lock").write_text("999\n")
+    (mail / "bob.lock").write_text("0\n")  # another program holds bob's mbox (no pid: honoured)
     clock = FlakyClock()
     server = serve(clock=clock, local={"lock_timeout": "0.05s"}, queue={"retry": ["1s"]})
     with caplog.at_level(logging.INFO), smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:

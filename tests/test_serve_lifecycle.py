@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from conftest import ROOT, free_port, write_config
 
 HOLD_LOCK = """\
@@ -125,10 +124,6 @@ def test_modes_do_not_depend_on_the_umask(tmp_path: Path):
 
 def test_stale_maildir_tmp_files_are_removed_at_start(tmp_path: Path):
     """Defect 15: a kill leaves files in a Maildir's tmp/; those older than 36 h go at start-up."""
-    from monomail import mailstore
-
-    if not hasattr(mailstore, "clean_maildir_tmp"):
-        pytest.skip("mailstore.clean_maildir_tmp is not on this branch yet")
     port = free_port()
     config = write_config(tmp_path, server={"listen": [f"127.0.0.1:{port}"], "spool_dir": "spool"})
     tmp = tmp_path / "mail" / "alice" / "tmp"
