@@ -218,8 +218,8 @@ def test_a_defer_alias_met_at_delivery_time_is_temporary(tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     results = {}
     for user in ("moving", "gone"):
-        run = subprocess.run([sys.executable, "-m", "monomail", "deliver", "-c", str(path), "-u", user, "-f", "a@x.test"],
-                             input=message, capture_output=True, timeout=30, cwd=tmp_path, env=env)
+        argv = [sys.executable, "-m", "monomail", "deliver", "-c", str(path), "-u", user, "-f", "a@x.test"]
+        run = subprocess.run(argv, input=message, capture_output=True, timeout=30, cwd=tmp_path, env=env)
         results[user] = (run.returncode, run.stderr.decode())
     assert results["moving"][0] == 75, results
     assert "4.2.1 Moving, try later" in results["moving"][1]
