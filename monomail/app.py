@@ -4,7 +4,15 @@ Job: wire spool → deliverer → queue → SMTP server, own every long-lived ta
 handle signals. SIGTERM and SIGINT stop accepting connections, let sessions and
 deliveries in flight finish (bounded by ``server.shutdown_grace``), then exit 0.
 Start-up also repairs what a crash may have left: half-made spool entries are dropped
-(they never got a 250) and mbox files a dead writer left half-written are truncated.
+(they never got a 250), damaged ones are moved aside (``spool/corrupt/``), mbox files a
+dead writer left half-written are truncated, and Maildir ``tmp/`` files older than 36 h
+are removed (the Maildir spec's rule).
+
+One spool, one server: ``serve`` takes an exclusive, non-blocking lock on
+``<spool>/.serve.lock`` before it touches anything and holds it for the process's life;
+a second ``monomail serve`` on the same spool refuses to start (`errors.SpoolBusy`, one
+line) and leaves the first one's PID file alone. Modes are set explicitly, never left to
+the umask: folders it creates 0700, the PID file and the log file 0600.
 
 Not here: SMTP (``server``), retry logic (``queue``), argument parsing (``cli``).
 """
@@ -12,6 +20,7 @@ Not here: SMTP (``server``), retry logic (``queue``), argument parsing (``cli``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,9 +33,11 @@ from pathlib import Path
 from . import mailstore
 from .control import PID_FILE
 from .deliver import Deliverer
+from .errors import SpoolBusy
 from .mboxrewrite import finish_interrupted_rewrite
 from .queue import Queue
 from .remote import Transport
+from .safeio import make_dirs, write_file
 from .server import SMTPServer
 from .settings import Config
 from .spool import Spool
@@ -35,12 +46,15 @@ from .tables import FileTables
 log = logging.getLogger("monomail")
 
 IO_THREADS = 32  # concurrent mailbox writes: lets fsyncs of many messages overlap
+LOG_MODE = 0o600
 
 
 def setup_logging(config: Config) -> None:
     handler: logging.Handler
     if config.log.file:
-        config.log.file.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(config.log.file.parent, 0o700)
+        # Created with our mode first: FileHandler would leave it to the umask.
+        os.close(os.open(config.log.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, LOG_MODE))
         handler = logging.FileHandler(config.log.file)
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -67,26 +81,39 @@ class App:
         self._runner: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        self._serve_lock: int | None = None  # the fd holding <spool>/.serve.lock
+        self._wrote_pid = False
 
     async def start(self) -> None:
+        """Take the spool, repair what a crash left, listen, start the retry runner.
+        Raises `SpoolBusy` (another server has the spool) or OSError."""
+        self._serve_lock = await asyncio.to_thread(self.spool.lock_for_serving)
         for warning in self.config.warnings:
             log.warning("config: %s", warning)
-        self.config.local.mail_dir.mkdir(parents=True, exist_ok=True)
-        for user in self.config.users.values():
-            if user.mailbox_format == "mbox":
-                try:
-                    await asyncio.to_thread(mailstore.recover_mbox, user.path)
-                    # a `monomail mail` killed mid-rewrite left a journal: finish it first
-                    await asyncio.to_thread(finish_interrupted_rewrite, user.path, self.config.local.lock_timeout)
-                except (OSError, mailstore.MailboxLocked) as exc:
-                    log.warning("mbox %s: recovery check failed: %s", user.path, exc)
+        await asyncio.to_thread(make_dirs, self.config.local.mail_dir, 0o700)
+        await self._repair_mailboxes()
         pending = await self.queue.load()
         if pending:
             log.info("spool: %d queued message(s) to resume", pending)
         await self.server.start()
-        self.pid_file.write_text(f"{os.getpid()}\n")
+        await asyncio.to_thread(write_file, self.pid_file, f"{os.getpid()}\n".encode(), mode=0o600)
+        self._wrote_pid = True
         self._runner = asyncio.create_task(self.queue.run(), name="queue-runner")
         log.info("monomail started as %s", self.config.hostname)
+
+    async def _repair_mailboxes(self) -> None:
+        for user in self.config.users.values():
+            try:
+                if user.mailbox_format == "mbox":
+                    await asyncio.to_thread(mailstore.recover_mbox, user.path)
+                    # a `monomail mail` killed mid-rewrite left a journal: finish it first
+                    await asyncio.to_thread(finish_interrupted_rewrite, user.path, self.config.local.lock_timeout)
+                elif user.path.is_dir():  # what a kill left in tmp/, older than the Maildir spec's 36 h
+                    removed = await asyncio.to_thread(mailstore.clean_maildir_tmp, user.path)
+                    if removed:
+                        log.info("maildir %s: removed %d stale file(s) from tmp/", user.path, removed)
+            except (OSError, mailstore.MailboxLocked) as exc:
+                log.warning("%s %s: recovery check failed: %s", user.mailbox_format, user.path, exc)
 
     @property
     def pid_file(self) -> Path:
@@ -109,17 +136,31 @@ class App:
         await self._stop.wait()
 
     async def shutdown(self) -> None:
+        """Stop within ``server.shutdown_grace`` (sessions and deliveries share it), then
+        release the spool. A server that never got the spool touches nothing of it."""
+        if self._serve_lock is None:  # start refused (SpoolBusy): nothing of ours runs
+            await self.transport.close()
+            self.executor.shutdown(wait=False)
+            return
         grace = self.config.server.shutdown_grace
         log.info("shutting down (grace %.0fs)", grace)
+        deadline = time.monotonic() + grace
         await self.server.close(grace)
         if self._runner:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
-        await self.queue.close(grace)
+        await self.queue.close(max(0.5, deadline - time.monotonic()))
         await self.transport.close()
-        self.executor.shutdown(wait=True)
-        if self.pid_file.exists() and self.pid_file.read_text().strip() == str(os.getpid()):
-            self.pid_file.unlink(missing_ok=True)
+        # Work not started is dropped (its tasks are cancelled); running work is short:
+        # mbox lock waits are cut into slices by the deliverer.
+        await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
+        if self._wrote_pid:
+            with contextlib.suppress(OSError):
+                if self.pid_file.read_text().strip() == str(os.getpid()):
+                    self.pid_file.unlink()
+        if self._serve_lock is not None:
+            os.close(self._serve_lock)  # after the PID file: the next server writes its own
+            self._serve_lock = None
         log.info("stopped")
 
 
@@ -131,6 +172,11 @@ async def serve(config: Config) -> int:
     loop.add_signal_handler(signal.SIGUSR1, app.reload_queue)
     try:
         await app.start()
+    except SpoolBusy as exc:
+        if config.log.file:  # else the command line's own one-line error says it
+            log.error("cannot start: %s", exc)
+        await app.shutdown()
+        raise
     except OSError as exc:
         log.error("cannot start: %s", exc)
         await app.shutdown()

@@ -3,22 +3,34 @@
 Job: parse arguments, load the config, call the right face, map failures to exit codes:
 0 success, 1 runtime failure, 2 bad usage or bad configuration (the error names the
 key). Every error is one line on stderr, never a traceback.
+
+``queue list`` and ``queue show`` say for each recipient not yet delivered its state
+(the mail log's words: deferred, failed), attempts, the last reply, its cause, the
+remote host and the next attempt; damaged entries are listed with why (in the spool
+still, or moved aside into ``corrupt/`` by the server). Text from the spool reaches the
+terminal with control characters escaped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import re
 import sys
 import time
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .config import load
 from .control import notify_server
-from .errors import ConfigError, SpoolError
+from .envelope import Status
+from .errors import ConfigError, CorruptEntry, SpoolBusy, SpoolError
+from .schedule import duration
 from .settings import Config
-from .spool import Spool
+from .spool import QueuedRecipient, QueueEntry, Spool
 
 
 def _version() -> str:
@@ -51,34 +63,58 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _safe(text: str) -> str:
+    """Text from the spool for a terminal: no control characters, one line."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _recipient_lines(r: QueuedRecipient, now: float) -> list[str]:
+    """What an admin needs to know about a recipient that is not delivered yet."""
+    lines = []
+    if r.reply is not None:
+        lines.append(f"last reply: {_safe(str(r.reply))}")
+    if r.cause and r.cause != str(r.reply):
+        lines.append(f"cause: {_safe(r.cause)}")
+    if r.remote_host:
+        lines.append(f"remote host: {_safe(r.remote_host)}")
+    if r.gave_up:
+        lines.append("gave up (message too old)")
+    if r.deferred and r.next_attempt is not None:
+        lines.append(f"next attempt in {duration(r.next_attempt - now)}")
+    return lines
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
     config = _load(args.config)
     spool = Spool(config.server.spool_dir)
     now = time.time()
-    rows = 0
-    for record in spool.records():
-        qid = record["id"]
-        hold = " (held)" if record.get("hold") else ""
-        print(f"{qid}  age {_age(now - record['received_at'])}  size {spool.message_size(qid)}"
-              f"  from <{record['sender']}>{hold}")
-        for r in record["recipients"]:
-            if r["state"] == "delivered":
+    rows = damaged = 0
+    for name, got in spool.scan():
+        if not isinstance(got, QueueEntry):
+            kind = "damaged" if isinstance(got, CorruptEntry) else "unreadable"
+            print(f"{_safe(name)}  {kind}: {_safe(str(got))}")
+            damaged += 1
+            continue
+        hold = " (held)" if got.hold else ""
+        print(f"{got.id}  age {duration(now - got.received_at)}  size {spool.message_size(got.id)}"
+              f"  from <{_safe(got.sender)}>{hold}")
+        for r in got.recipients:
+            if r.state is Status.DELIVERED:
                 continue
-            print(f"    {r['state']:8} <{r['address']}>  attempts {r.get('attempts', 0)}")
-            if r.get("last_error"):
-                print(f"      last error: {r['last_error']}")
-            if r["state"] == "pending" and "next_attempt" in r:
-                print(f"      next attempt in {_age(r['next_attempt'] - now)}")
+            print(f"    {r.state.value:8} <{_safe(r.address)}>  attempts {r.attempts}")
+            for line in _recipient_lines(r, now):
+                print(f"      {line}")
         rows += 1
-    print(f"-- {rows} message(s) in queue" if rows else "queue is empty")
+    for d in spool.damaged():
+        print(f"{_safe(d.name)}  damaged, moved to {d.folder}: {_safe(d.reason)}")
+        damaged += 1
+    if rows or damaged:
+        print(f"-- {rows} message(s) in queue" + (f", {damaged} damaged" if damaged else ""))
+    else:
+        print("queue is empty")
     return 0
 
 
@@ -95,25 +131,28 @@ def _signal_server(config: Config) -> str:
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
     _, spool = _spool(args)
-    record = spool.load(args.id)
-    print(f"id:          {record['id']}")
-    print(f"sender:      <{record['sender']}>")
-    print(f"received:    {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(record['received_at']))}")
+    entry = spool.load(args.id)
+    now = time.time()
+    print(f"id:          {entry.id}")
+    print(f"sender:      <{_safe(entry.sender)}>")
+    print(f"received:    {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(entry.received_at))}")
     print(f"size:        {spool.message_size(args.id)}")
-    print(f"held:        {'yes' if record.get('hold') else 'no'}")
-    for r in record["recipients"]:
-        extra = []
-        if r.get("next_attempt") and r["state"] == "pending":
-            extra.append(f"next attempt in {_age(r['next_attempt'] - time.time())}")
-        if r.get("last_error"):
-            extra.append(f"last error: {r['last_error']}")
-        print(f"recipient:   <{r['address']}> {r['state']}, attempts {r.get('attempts', 0)}"
-              + ("".join(f"\n               {e}" for e in extra)))
+    print(f"held:        {'yes' if entry.hold else 'no'}")
+    for r in entry.recipients:
+        extra = _recipient_lines(r, now) if r.state is not Status.DELIVERED else []
+        print(f"recipient:   <{_safe(r.address)}> {r.state.value}, attempts {r.attempts}"
+              + "".join(f"\n               {e}" for e in extra))
     print()
     data = spool.message(args.id)
     end = data.find(b"\n\n")
-    sys.stdout.write((data if end < 0 else data[: end + 1]).decode("utf-8", "replace"))
+    text = (data if end < 0 else data[: end + 1]).decode("utf-8", "replace")
+    sys.stdout.write("".join(_safe(line) + "\n" for line in text.splitlines()))
     return 0
+
+
+def _release(entry: QueueEntry) -> QueueEntry:
+    """Every deferred recipient due now."""
+    return entry.updated({r.address: replace(r, next_attempt=0.0) for r in entry.deferred})
 
 
 def _edit(args: argparse.Namespace, change: str) -> int:
@@ -124,28 +163,29 @@ def _edit(args: argparse.Namespace, change: str) -> int:
                 raise SpoolError(f"no queue entry {args.id}")
             spool.remove(args.id)
         else:
-            record = spool.load(args.id)
-            record["hold"] = change == "hold"
-            if change == "release":
-                for r in record["recipients"]:
-                    if r["state"] == "pending":
-                        r["next_attempt"] = 0
-            spool.update(record)
+            entry = replace(spool.load(args.id), hold=change == "hold")
+            spool.update(_release(entry) if change == "release" else entry)
     print(f"{args.id}: {change}d" if change != "hold" else f"{args.id}: held", "-", _signal_server(config))
     return 0
 
 
 def cmd_queue_flush(args: argparse.Namespace) -> int:
     config, spool = _spool(args)
+    skipped = []
     with spool.locked():
         ids = [args.id] if args.id else spool.ids()
         for qid in ids:
-            record = spool.load(qid)
-            for r in record["recipients"]:
-                if r["state"] == "pending":
-                    r["next_attempt"] = 0
-            spool.update(record)
-    print(f"{len(ids)} entr{'y' if len(ids) == 1 else 'ies'} due now -", _signal_server(config))
+            try:
+                entry = spool.load(qid)
+            except CorruptEntry:
+                if args.id:
+                    raise
+                skipped.append(qid)
+                continue
+            spool.update(_release(entry))
+    count = len(ids) - len(skipped)
+    note = f" ({len(skipped)} damaged, left alone)" if skipped else ""
+    print(f"{count} entr{'y' if count == 1 else 'ies'} due now{note} -", _signal_server(config))
     return 0
 
 
@@ -212,11 +252,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"monomail: config error: {exc}", file=sys.stderr)
         return 2
+    except SpoolBusy as exc:
+        print(f"monomail: cannot start: {exc}", file=sys.stderr)
+        return 1
     except SpoolError as exc:
         print(f"monomail: spool error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `monomail queue list | head`: the reader is gone, and that is fine
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        print(f"monomail: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # never a traceback: one line, and the cause
+        print(f"monomail: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,23 @@ Problems that do not stop start-up (an alias loop) are returned as `Config.warni
 Where the file is: `config_path` (``-c``, ``$MONOMAIL_CONFIG``, ``./monomail.toml``,
 ``/etc/monomail/monomail.toml``), for the commands other programs call.
 
+Alias and virtual-table targets are users, aliases or addresses; an alias (or a
+virtual entry) may instead hold one special target, as Exim's redirect router spells it,
+that answers for the address at RCPT time instead of delivering it:
+
+- ``":fail: 5.1.1 This user has left"``: refused for good, ``550 5.1.1 This user has
+  left``. The status is optional (default ``5.1.1``, text ``User unknown``); a reply code
+  may precede it (``":fail: 551 5.1.6 Moved to bob@example.net"``); a 5.x.x status only.
+- ``":defer: 4.2.1 Mailbox moving, try tomorrow"``: refused for now, ``450 4.2.1 ...``
+  (default ``4.2.1 Try again later``); a 4.x.x status only.
+- ``":blackhole:"``: accepted and delivered nowhere.
+
+sendmail's ``error:5.1.1:550 text`` and ``error:nouser text`` are read as ``:fail:`` (or
+``:defer:`` for a 4.x.x status). The text must be printable ASCII, at most 200
+characters. A special target must be the only target of its alias: ``olduser =
+[":fail: ..."]``. An alias that names a refusing alias among its targets is refused as a
+whole (a warning says so). The syntax is `addrlist`'s, shared with ``monomail import``.
+
 Not here: the values themselves (``settings``, vocabulary any layer may import), and
 what the keys mean at run time (``router``, ``server``, ``queue``).
 """
@@ -29,10 +46,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .addrlist import parse_special
 from .errors import ConfigError
 from .settings import (
     MAILBOX_FORMATS,
+    AliasTargets,
     Config,
+    Discard,
     DNSConfig,
     FiltersConfig,
     Forward,
@@ -42,6 +62,7 @@ from .settings import (
     MailingList,
     Masquerade,
     QueueConfig,
+    Refusal,
     RemoteConfig,
     ServerConfig,
     User,
@@ -227,28 +248,61 @@ def _users(t: _Table, local: LocalConfig, base: Path) -> dict[str, User]:
     return users
 
 
-def _aliases(t: _Table, users: Mapping[str, User]) -> tuple[dict[str, tuple[str, ...]], list[str]]:
-    aliases: dict[str, tuple[str, ...]] = {}
+def _alias_targets(key: str, targets: list[str], names: set[str] | None) -> AliasTargets:
+    """One alias's (or virtual entry's) targets; ``names`` None: checked later, by `_aliases`."""
+    if not targets:
+        raise ConfigError(key, "expected at least one target")
+    specials: list[tuple[str, Refusal | Discard]] = []
+    for target in targets:
+        try:
+            special = parse_special(target, strict=True)
+        except ValueError as exc:
+            raise ConfigError(key, f"{target!r}: {exc}") from None
+        if special is not None:
+            specials.append((target, special))
+        elif target.strip().startswith(":"):
+            raise ConfigError(key, f'{target!r} is not a special target (":fail: text", ":defer: text" '
+                                   'or ":blackhole:")')
+    if specials:
+        if len(targets) > 1:
+            raise ConfigError(key, f"{specials[0][0]!r} must be the only target: a :fail:, :defer: or "
+                                   ":blackhole: answers for the whole address")
+        return specials[0][1]
+    return _check_targets(key, targets, names) if names is not None else tuple(x.strip() for x in targets)
+
+
+def _aliases(t: _Table, users: Mapping[str, User]) -> tuple[dict[str, AliasTargets], list[str]]:
+    aliases: dict[str, AliasTargets] = {}
     for raw in list(t.data):
-        targets = t.strings(raw, [])
-        if not targets:
-            raise ConfigError(t.key(raw), "expected at least one target")
-        aliases[raw.lower()] = tuple(x.strip() for x in targets)
+        aliases[raw.lower()] = _alias_targets(t.key(raw), t.strings(raw, []), None)
     for name, goals in aliases.items():
-        for target in goals:
+        for target in goals if isinstance(goals, tuple) else ():
             if "@" not in target and target.lower() not in users and target.lower() not in aliases:
                 raise ConfigError(t.key(name), f"target {target!r} is neither a user nor an alias")
-    return aliases, [f"aliases.{name}: alias loop" for name in _alias_loops(aliases, users)]
+    warnings = [f"aliases.{name}: alias loop" for name in _alias_loops(aliases, users)]
+    return aliases, warnings
 
 
-def _alias_loops(aliases: Mapping[str, tuple[str, ...]], users: Mapping[str, User]) -> list[str]:
+def _refusing(key: str, targets: AliasTargets, aliases: Mapping[str, AliasTargets]) -> list[str]:
+    """Warnings for the refusing aliases among ``targets``: they refuse the whole address."""
+    out = []
+    for target in targets if isinstance(targets, tuple) else ():
+        goal = aliases.get(target.lower())
+        if isinstance(goal, Refusal):
+            out.append(f"{key}: target {target!r} refuses its mail ({goal.code} {goal.status}), so this "
+                       f"address is refused as a whole; remove {target!r} to deliver to the others")
+    return out
+
+
+def _alias_loops(aliases: Mapping[str, AliasTargets], users: Mapping[str, User]) -> list[str]:
     """Names whose expansion comes back to itself without reaching a user of that name."""
     looped = []
     for start in aliases:
         stack, seen = [start], set()
         while stack:
             name = stack.pop()
-            for target in aliases.get(name, ()):
+            goals = aliases.get(name, ())
+            for target in goals if isinstance(goals, tuple) else ():
                 t = target.lower()
                 if "@" in t:
                     continue
@@ -269,20 +323,15 @@ def _check_targets(key: str, targets: list[str], names: set[str]) -> tuple[str, 
     return tuple(x.strip() for x in targets)
 
 
-def _virtual(t: _Table, local: LocalConfig, names: set[str]) -> dict[str, dict[str, tuple[str, ...]]]:
-    out: dict[str, dict[str, tuple[str, ...]]] = {}
+def _virtual(t: _Table, local: LocalConfig, names: set[str]) -> dict[str, dict[str, AliasTargets]]:
+    out: dict[str, dict[str, AliasTargets]] = {}
     for raw in list(t.data):
         domain = _domain(raw, t.key(raw))
         if domain in local.domains:
             raise ConfigError(t.key(raw), "a virtual domain must not also be in local.domains")
         table = t.table(raw)
-        entries: dict[str, tuple[str, ...]] = {}
-        for key in list(table.data):
-            targets = table.strings(key, [])
-            if not targets:
-                raise ConfigError(table.key(key), "expected at least one target")
-            entries[key.lower()] = _check_targets(table.key(key), targets, names)
-        out[domain] = entries
+        out[domain] = {key.lower(): _alias_targets(table.key(key), table.strings(key, []), names)
+                       for key in list(table.data)}
     return out
 
 
@@ -416,6 +465,11 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     aliases, warnings = _aliases(top.table("aliases"), users)
     names = set(users) | set(aliases)
     virtual = _virtual(top.table("virtual"), local, names)
+    for name, targets in aliases.items():
+        warnings += _refusing(f"aliases.{name}", targets, aliases)
+    for domain, entries in virtual.items():
+        for key, targets in entries.items():
+            warnings += _refusing(f'virtual."{domain}".{key}', targets, aliases)
     forward = _forward(top.table("forward"), users, names)
     lists = _lists(top.table("lists"), local, virtual, names, base)
     list_addresses: dict[str, tuple[MailingList, str]] = {}

@@ -16,14 +16,17 @@ Error handling (DESIGN invariant 2): a routing refusal and a remote 5xx are perm
 every local transport error is temporary: a locked mailbox (4.2.0), a full disk
 (4.3.1), a full quota (4.2.2), anything unclassified (4.3.0). When one recipient has
 several destinations, a temporary failure of any of them makes the recipient
-temporary (the delivered ones are remembered and skipped on retry). Causes go to the
-Outcome's ``detail`` for the log, never into the reply.
+temporary (the delivered ones are remembered and skipped on retry). A local error's
+reply comes from ``errors.reply_for`` (the one place that maps an exception to a reply);
+its cause (path, exception text) goes to the Outcome's ``detail`` for the log, never into
+the reply (DESIGN invariant 6). A remote result's reply already names its remote cause
+(host, refusal, timeout, the peer's own words; see ``remote``), and its ``detail`` says
+the same for the log line with the queue id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from . import mailstore
 from .envelope import Address, Envelope, Outcome, Spawn, Status
-from .errors import Reply, RouteError
+from .errors import Reply, RouteError, reply_for
 from .message import delivery_headers, header_block
 from .remote import Transport
 from .rewrite import forward_sender, masquerade_address, masquerade_headers
@@ -42,28 +45,12 @@ from .settings import Config
 from .userfilter import UserFilters
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")
-MAILBOX_BUSY = Reply(450, "4.2.0", "Mailbox busy, try again later")
-NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
-QUOTA = Reply(452, "4.2.2", "Mailbox full")
-LOCAL_FAILURE = Reply(451, "4.3.0", "Local delivery failed, will retry")
-NO_REMOTE = Reply(451, "4.4.0", "Remote delivery not available, will retry")
+NO_REMOTE = Reply(451, "4.4.0", "Remote delivery is not available here")
 LIST_LOOP = Reply(250, "2.0.0", "Dropped: the message already went through this list")
 LIST_POSTED = Reply(250, "2.0.0", "Posted to the list")
 _LIST_ID = re.compile(rb"^List-Id:[^\n]*<([^>\n]+)>", re.IGNORECASE | re.MULTILINE)
 
 log = logging.getLogger("monomail.deliver")
-
-
-def classify(exc: BaseException) -> Reply:
-    """The reply for a transport error. Nothing here is permanent."""
-    if isinstance(exc, mailstore.MailboxLocked):
-        return MAILBOX_BUSY
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return NO_STORAGE
-        if exc.errno == errno.EDQUOT:
-            return QUOTA
-    return LOCAL_FAILURE
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +120,9 @@ class Deliverer:
         outcomes = []
         for rcpt in recipients:
             if rcpt in refused:
-                exc = refused[rcpt]
-                outcomes.append(Outcome(rcpt, Status.PERMANENT, exc.reply, exc.detail))
+                refusal = refused[rcpt]
+                status = Status.TEMPORARY if refusal.reply.temporary else Status.PERMANENT  # a :defer: alias
+                outcomes.append(Outcome(rcpt, status, refusal.reply, refusal.detail))
                 continue
             dests = routed[rcpt]
             done = tuple(d.key for d in dests if results[d.key].reply.code < 300)
@@ -208,7 +196,7 @@ class Deliverer:
                 chunks[1] = mailstore.mbox_quote(data)
                 await self._mbox(dest.path, (sender, env.received_at, chunks))
         except Exception as exc:  # every local transport error is temporary
-            return [(dest.key, _Result(classify(exc), f"{where}: {type(exc).__name__}: {exc}"))]
+            return [(dest.key, _Result(reply_for(exc), f"{where}: {type(exc).__name__}: {exc}"))]
         return [(dest.key, _Result(DELIVERED, where, spawns=spawns))]
 
     async def _remote(self, domain: str, sender: str, headers: tuple[tuple[str, str], ...], dests: list[Remote],
@@ -224,14 +212,20 @@ class Deliverer:
             results = await self.transport.send(sender, domain, list(by_address), data, env.smtputf8)
         except Exception as exc:  # unclassified: temporary (DESIGN invariant 2)
             log.exception("remote delivery to %s crashed", domain)
-            return [(d.key, _Result(LOCAL_FAILURE, f"remote {domain}: {exc!r}")) for d in dests]
+            return [(d.key, _Result(reply_for(exc), f"remote {domain}: {exc!r}")) for d in dests]
         return [
-            (by_address[r.recipient].key, _Result(r.reply, f"remote {r.host or domain}: {r.reply}", r.host))
+            (by_address[r.recipient].key, _Result(r.reply, f"remote {domain}: {r.detail or r.reply}", r.host))
             for r in results
         ]
 
     async def _mbox(self, path: Path, item: mailstore.MboxItem) -> None:
-        """Queue ``item`` for ``path``; the first caller writes every waiting item in batches."""
+        """Queue ``item`` for ``path``; the first caller writes every waiting item in batches.
+
+        The wait for another program's lock (up to ``local.lock_timeout``) is cut into
+        slices of at most half a second in the worker thread, with the loop in between,
+        so a cancelled delivery (shutdown) never leaves a thread blocked for the whole
+        timeout. Waiters whose writer stopped get a temporary error; cancelled ones are
+        left alone."""
         loop = asyncio.get_running_loop()
         batch = self._mbox_pending.setdefault(path, _MboxBatch())
         fut: asyncio.Future[None] = loop.create_future()
@@ -243,16 +237,27 @@ class Deliverer:
                 while path in self._mbox_pending:
                     todo = self._mbox_pending.pop(path)
                     try:
-                        await loop.run_in_executor(
-                            self.executor, mailstore.deliver_mbox, path, todo.items,
-                            self.config.local.lock_timeout,
-                        )
-                    except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                        deadline = loop.time() + self.config.local.lock_timeout
+                        while True:
+                            wait = min(max(deadline - loop.time(), 0.001), 0.5)
+                            try:
+                                await loop.run_in_executor(
+                                    self.executor, mailstore.deliver_mbox, path, todo.items, wait)
+                                break
+                            except mailstore.MailboxLocked:
+                                if loop.time() >= deadline:
+                                    raise
+                    except Exception as exc:
                         for w in todo.waiters:
                             if not w.done():
-                                w.set_exception(exc if isinstance(exc, Exception) else OSError(str(exc)))
-                        if not isinstance(exc, Exception):
-                            raise
+                                w.set_exception(exc)
+                    except BaseException:  # cancelled: nobody will await our own future
+                        for w in todo.waiters:
+                            if w is fut:
+                                w.cancel()
+                            elif not w.done():
+                                w.set_exception(OSError("mbox writer stopped"))
+                        raise
                     else:
                         for w in todo.waiters:
                             if not w.done():
@@ -261,6 +266,6 @@ class Deliverer:
                 self._mbox_writing.discard(path)
                 stranded = self._mbox_pending.pop(path, None)
                 for w in stranded.waiters if stranded else ():
-                    w.set_exception(OSError("mbox writer stopped"))
+                    if not w.done():
+                        w.set_exception(OSError("mbox writer stopped"))
         await fut
-

@@ -32,7 +32,11 @@ characters (RFC 5322 §2.1.1) and ends in LF. All parts are 7-bit; only a non-AS
 Not here: deciding whether a DSN is due, never bouncing a bounce (the caller checks the
 null sender; `build_report` refuses it), delivering it, or returning the full body.
 
-This module imports nothing of ours.
+A recipient the queue gave up on (``gave_up_after``) is reported as "gave up after 5d;
+last error: ..." and, like every ``failed`` report, without a retry promise that the
+last reply may carry ("..., will retry", "try again later"): nobody will.
+
+This module imports only ``schedule`` (pure).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from email import policy as email_policy
 from email.generator import BytesGenerator
 from email.message import Message
 from email.utils import format_datetime, make_msgid
+
+from .schedule import duration
 
 MAX_LINE = 998  # RFC 5322 §2.1.1, without the line ending
 MAX_HEADERS = 64 * 1024  # how much of the original header section is returned
@@ -69,6 +75,8 @@ _BODY_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 _HOST_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _STATUS = re.compile(r"[45]\.\d{1,3}\.\d{1,3}\Z")
 _QCHAR = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")  # RFC 6533 xtext safe
+# A retry promise at the end of a reply's text, wrong in a final report.
+_RETRY_PROMISE = re.compile(r"[\s,;:.-]*\b(?:will retry|(?:please )?try again(?: later)?)[\s.!]*\Z", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +90,7 @@ class RecipientReport:
     remote_mta: str = ""  # e.g. "mx1.remote.test"; "" to omit
     last_attempt: float | None = None  # unix time; Last-Attempt-Date when given
     will_retry_until: float | None = None  # unix time; Will-Retry-Until (for "delayed")
+    gave_up_after: float | None = None  # seconds since arrival, for a "failed" the queue gave up on
 
 
 def build_report(
@@ -178,8 +187,16 @@ def _explanation(host: str, queue_id: str, reports: Sequence[RecipientReport]) -
     return "\n".join(lines) + "\n"
 
 
+def _diagnostic(report: RecipientReport) -> str:
+    """The reply as reported: a final report makes no retry promise."""
+    text = _one_line(report.diagnostic, MAX_FIELD)
+    return _RETRY_PROMISE.sub("", text) if report.action == "failed" else text
+
+
 def _reason(report: RecipientReport) -> str:
-    reason = _one_line(report.diagnostic, MAX_FIELD) or f"status {_status(report)}"
+    reason = _diagnostic(report) or f"status {_status(report)}"
+    if report.gave_up_after is not None:
+        reason = f"gave up after {duration(report.gave_up_after)}; last error: {reason}"
     if report.remote_mta:
         reason += f" (remote host {_host(report.remote_mta)})"
     return reason
@@ -187,7 +204,7 @@ def _reason(report: RecipientReport) -> str:
 
 def _status_part(host: str, arrival: float, reports: Sequence[RecipientReport]) -> Message:
     """Part 2: RFC 3464 ``message/delivery-status``, a list of header blocks."""
-    blocks = []
+    blocks: list[Message | str] = []
     per_message = Message(policy=_POLICY)
     per_message["Reporting-MTA"] = f"dns; {host}"
     if date := _date(arrival):
@@ -200,7 +217,7 @@ def _status_part(host: str, arrival: float, reports: Sequence[RecipientReport]) 
         block["Status"] = _status(report)
         if remote := _host(report.remote_mta):
             block["Remote-MTA"] = f"dns; {remote}"
-        if diagnostic := _field(report.diagnostic):
+        if diagnostic := _field(_diagnostic(report)):
             block["Diagnostic-Code"] = f"smtp; {diagnostic}"
         if date := _date(report.last_attempt):
             block["Last-Attempt-Date"] = date

@@ -65,8 +65,8 @@ def outcome(qid: str, o: Outcome, *, attempt: int = 1) -> None:
             qid, printable(o.recipient), o.status.value, attempt, printable(str(o.reply)), printable(o.detail))
 
 
-def queued(qid: str, pending: int, next_in: float) -> None:
-    log.info("%s: queued pending=%d next_attempt_in=%.0fs", qid, pending, next_in)
+def queued(qid: str, deferred: int, next_in: float) -> None:
+    log.info("%s: queued deferred=%d next_attempt_in=%.0fs", qid, deferred, next_in)
 
 
 def removed(qid: str, why: str) -> None:

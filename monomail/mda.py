@@ -179,28 +179,20 @@ async def _attempt(config: Config, env: Envelope, data: bytes) -> list[Outcome]:
 
 
 def _journal_spawned(config: Config, env: Envelope, data: bytes, outcomes: Sequence[Outcome]) -> int:
-    """Write the new messages deliveries made to the spool, as the queue would. Returns
-    how many; raises `SpoolError`."""
-    from .envelope import new_id
-    from .spool import Spool, new_record
+    """Journal the new messages deliveries made, exactly as the server does
+    (``queue.journal_spawned``: a recipe's forward as the recipes left it). Returns how
+    many; raises `SpoolError`."""
+    from .queue import journal_spawned
+    from .spool import Spool
 
+    if not any(o.spawned for o in outcomes):
+        return 0
     spool = Spool(config.server.spool_dir)
-    count = 0
-    for o in outcomes:
-        for spawn in o.spawned:
-            if count == 0:
-                try:
-                    spool.create()
-                except OSError as exc:
-                    raise SpoolError(f"cannot create {spool.dir}: {exc}") from exc
-            now = time.time()
-            body = spawn.prefix + data
-            child = Envelope(new_id(now), spawn.sender, spawn.recipients, now, env.smtputf8, len(body))
-            spool.store(new_record(child, now), body)
-            log.info("%s: to=<%s> made %s from=<%s> nrcpt=%d", env.id, o.recipient, child.id, spawn.sender,
-                     len(spawn.recipients))
-            count += 1
-    return count
+    try:
+        spool.create()
+    except OSError as exc:
+        raise SpoolError(f"cannot create {spool.dir}: {exc}") from exc
+    return len(journal_spawned(spool, env, data, outcomes))
 
 
 def deliver(config: Config, user: str, sender: str | None, address: str | None, raw: bytes) -> int:

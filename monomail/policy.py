@@ -6,7 +6,8 @@ relay control as Postfix's ``reject_unauth_destination``.
 
 - `is_trusted`: is the client address inside ``server.trusted_networks``?
 - `check_recipient`: route the address; refuse unknown users (550 5.1.1), loops (550
-  5.4.6), and any domain not ours unless the client is trusted (554 5.7.1). Source
+  5.4.6), an alias's own ``:fail:`` / ``:defer:`` refusal with its code and text (550 /
+  450), and any domain not ours unless the client is trusted (554 5.7.1). Source
   routes are ignored (the final mailbox decides), so ``<@us:x@other>`` is a relay
   attempt like any other.
 

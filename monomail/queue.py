@@ -9,7 +9,7 @@ whose recipients were all delivered leaves no trace in the spool.
 
 The immediate attempt is Exim-style cut-through for remote recipients too: the reply
 waits for the destination's own answer, up to ``remote.cut_through``. If the attempt
-takes longer, the message is journalled as pending, the client gets its 250, and the
+takes longer, the message is journalled as deferred, the client gets its 250, and the
 attempt's outcome is recorded when it ends (the entry is busy meanwhile, so it is never
 tried twice at once). If every recipient fails permanently, the client gets the 5xx
 itself and no bounce is made.
@@ -20,20 +20,24 @@ RFC 3464 bounce to the envelope sender (``dsn``), and a delay warning once after
 ``queue.warn_after``; both are journalled as new messages from the null sender and
 delivered like any other mail. A message from the null sender is never bounced
 (DESIGN invariant 7): its failure is logged and dropped. Time comes from an injected
-clock, so schedules are tested without waiting.
+clock, so schedules are tested without waiting. New messages that deliveries make (list
+posts, recipe forwards) are journalled by `journal_spawned`, which ``monomail deliver``
+uses too.
 
-Per-recipient state lives in the spool record::
-
-    {"address": "bob@remote.test", "state": "pending" | "delivered" | "failed",
-     "attempts": 2, "next_attempt": 1764339000.0, "last_error": "450 4.2.0 ...",
-     "remote_host": "mx1.remote.test", "finished": ["remote:bob@remote.test"]}
+Per-recipient state is a `spool.QueuedRecipient` (state, attempts, next attempt, the
+last reply, its cause and remote host); `apply_outcome` is the one place an attempt's
+`Outcome` changes it.
 
 Error handling: a spool write that fails turns into ``451 4.3.0`` for the client. Any
 exception out of the deliver function counts as a temporary failure of every recipient
 it was given. Accept work runs in tasks the queue owns, shielded from the SMTP session,
 so a client that hangs up cannot tear a delivery in half; `close` waits for them.
 Record updates take the spool lock and re-read the record, so ``monomail queue``
-commands (hold, delete) made while a delivery runs are kept.
+commands (hold, delete) made while a delivery runs are kept. A record that cannot be
+read now (EMFILE, EIO) is retried later, never dropped from the schedule; a damaged one
+is moved aside (``spool/corrupt/``) and logged once with its id, and start-up goes on.
+The runner is supervised: if its loop raises, that is logged and it restarts after a
+short backoff, so retries never stop silently.
 """
 
 from __future__ import annotations
@@ -42,16 +46,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from . import maillog
 from .dsn import RecipientReport, build_report
-from .envelope import Envelope, Outcome, Status, new_id
-from .errors import LOCAL_ERROR, Reply, SpoolError
+from .envelope import Envelope, Outcome, Status
+from .errors import LOCAL_ERROR, CorruptEntry, Reply, SpoolError
 from .schedule import expired, next_attempt
 from .settings import QueueConfig
-from .spool import Record, Spool, new_record
+from .spool import QueuedRecipient, QueueEntry, Spool, new_entry
 
 log = logging.getLogger("monomail.queue")
 
@@ -60,48 +65,49 @@ DeliverFn = Callable[
     Awaitable[list[Outcome]],
 ]
 Clock = Callable[[], float]
+Due = tuple[str, float | None]  # a queue id and when it next needs work (None: not at all)
 
-def apply_outcome(rcpt: dict[str, Any], o: Outcome, now: float, retry: Sequence[float]) -> None:
-    rcpt["attempts"] = rcpt.get("attempts", 0) + 1
-    rcpt["finished"] = sorted(set(rcpt.get("finished", [])) | set(o.finished))
-    if o.remote_host:
-        rcpt["remote_host"] = o.remote_host
+EXPIRED = Reply(451, "4.4.7", "Message expired")
+RESTART_MIN = 0.5  # seconds before a crashed runner is restarted; doubles up to RESTART_MAX
+RESTART_MAX = 30.0
+
+
+def apply_outcome(r: QueuedRecipient, o: Outcome, now: float, retry: Sequence[float]) -> QueuedRecipient:
+    """The recipient's state after one attempt came to ``o``."""
+    attempts = r.attempts + 1
+    finished = tuple(sorted(set(r.finished) | set(o.finished)))
     if o.status is Status.DELIVERED:
-        rcpt["state"] = "delivered"
-        rcpt.pop("next_attempt", None)
-        return
-    rcpt["last_error"] = str(o.reply)
-    if o.status is Status.PERMANENT:
-        rcpt["state"] = "failed"
-        rcpt.pop("next_attempt", None)
-    else:
-        rcpt["state"] = "pending"
-        rcpt["next_attempt"] = next_attempt(rcpt["attempts"], retry, now)
+        return replace(r, state=o.status, attempts=attempts, next_attempt=None, reply=o.reply, cause=o.detail,
+                       remote_host=o.remote_host or r.remote_host, finished=finished)
+    due = next_attempt(attempts, retry, now) if o.status is Status.TEMPORARY else None
+    return replace(r, state=o.status, attempts=attempts, next_attempt=due, reply=o.reply, cause=o.detail,
+                   remote_host=o.remote_host, finished=finished)
 
 
-def envelope_of(record: Record) -> Envelope:
-    return Envelope(
-        id=record["id"],
-        sender=record["sender"],
-        recipients=tuple(r["address"] for r in record["recipients"]),
-        received_at=record["received_at"],
-        smtputf8=record.get("smtputf8", False),
-        size=record.get("size", 0),
-    )
+def give_up(r: QueuedRecipient) -> QueuedRecipient:
+    """A deferred recipient of a message that grew too old: failed, last reply kept."""
+    return replace(r, state=Status.PERMANENT, next_attempt=None, reply=r.reply or EXPIRED, gave_up=True)
 
 
-def due_time(record: Record) -> float | None:
-    """When the entry next needs work, or None (held, or nothing pending)."""
-    if record.get("hold"):
-        return None
-    times = [r.get("next_attempt", 0.0) for r in record["recipients"] if r["state"] == "pending"]
-    return min(times) if times else None
+def journal_spawned(spool: Spool, env: Envelope, data: bytes, outcomes: Sequence[Outcome],
+                    now: float | None = None) -> list[Envelope]:
+    """Journal the new messages deliveries of ``env`` made (list posts, recipe forwards),
+    each due now: a spawn's own ``data`` when it has one (what the recipes made of the
+    message, with its ``Delivered-To``), else its ``prefix`` on top of the original
+    ``data``. Blocking; durable before return. Raises `SpoolError`."""
+    made = []
+    for o in outcomes:
+        for spawn in o.spawned:
+            body = spawn.data if spawn.data is not None else spawn.prefix + data
+            child = spool.journal_new(spawn.sender, spawn.recipients, body, smtputf8=env.smtputf8 or None, now=now)
+            log.info("%s: to=<%s> made %s from=<%s> nrcpt=%d", env.id, o.recipient, child.id, spawn.sender,
+                     len(spawn.recipients))
+            made.append(child)
+    return made
 
 
-def _status_of(rcpt: dict[str, Any]) -> str:
-    error = rcpt.get("last_error", "")
-    parts = error.split(" ", 2)
-    return parts[1] if len(parts) > 1 and parts[1][:1] in "45" and parts[1].count(".") == 2 else "4.0.0"
+def _reply_status(r: QueuedRecipient) -> str:
+    return r.reply.status if r.reply is not None and r.reply.status else "4.0.0"
 
 
 class Queue:
@@ -161,61 +167,47 @@ class Queue:
             maillog.outcome(env.id, o)
         if any(o.spawned for o in outcomes):
             try:
-                self._schedule_all(await asyncio.to_thread(self._store_spawned, env, data, outcomes, self.clock()))
+                made = await asyncio.to_thread(journal_spawned, self.spool, env, data, outcomes, self.clock())
             except SpoolError as exc:
                 maillog.problem(env.id, f"list copy not journalled, answering 451: {exc}")
                 return LOCAL_ERROR
+            self._schedule_all([(e.id, e.received_at) for e in made])
         if all(o.status is Status.DELIVERED for o in outcomes):
             return Reply(250, "2.0.0", f"OK delivered as {env.id}")
         if all(o.status is Status.PERMANENT for o in outcomes):
             first = outcomes[0].reply
             return Reply(552 if first.code == 552 else 554, first.status, first.text)  # DATA replies: RFC 5321 4.3.2
         now = self.clock()
-        record = new_record(env, now)
-        by_address = {r["address"]: r for r in record["recipients"]}
-        for o in outcomes:
-            apply_outcome(by_address[o.recipient], o, now, self.config.retry)
+        fresh = new_entry(env, now)
+        entry = fresh.updated({o.recipient: apply_outcome(r, o, now, self.config.retry)
+                               for o in outcomes if (r := _recipient(fresh, o.recipient)) is not None})
         try:
-            self._schedule_all(await asyncio.to_thread(self._journal, record, data, now))
+            entry, changed = await asyncio.to_thread(self._journal, entry, data, now)
         except SpoolError as exc:
             maillog.problem(env.id, f"not journalled, answering 451: {exc}")
             return LOCAL_ERROR
-        pending = sum(1 for r in record["recipients"] if r["state"] == "pending")
-        if pending:
-            maillog.queued(env.id, pending, (due_time(record) or now) - now)
+        self._schedule_all(changed)
+        if entry.deferred:
+            maillog.queued(env.id, len(entry.deferred), (entry.due() or now) - now)
             return Reply(250, "2.0.0", f"OK queued as {env.id}")
         return Reply(250, "2.0.0", f"OK {env.id}, failures reported to the sender")
 
-    def _store_spawned(self, env: Envelope, data: bytes, outcomes: Sequence[Outcome], now: float) -> list[Record]:
-        """Journal the new messages deliveries made (list posts), due now (worker thread)."""
-        new = []
-        for o in outcomes:
-            for spawn in o.spawned:
-                body = spawn.data if spawn.data is not None else spawn.prefix + data
-                child = Envelope(new_id(now), spawn.sender, spawn.recipients, now, env.smtputf8, len(body))
-                record = new_record(child, now)
-                self.spool.store(record, body)
-                log.info("%s: to=<%s> made %s from=<%s> nrcpt=%d", env.id, o.recipient, child.id, spawn.sender,
-                         len(spawn.recipients))
-                new.append(record)
-        return new
-
-    def _journal(self, record: Record, data: bytes, now: float) -> list[Record]:
+    def _journal(self, entry: QueueEntry, data: bytes, now: float) -> tuple[QueueEntry, list[Due]]:
         """First journalling of an accepted message (worker thread): bounce what failed,
-        store what is pending. Returns the new entries for the loop to schedule."""
-        failed = {r["address"] for r in record["recipients"] if r["state"] == "failed"}
-        new = self._report(record, data, now, failed_now=failed)
-        if any(r["state"] == "pending" for r in record["recipients"]):
-            self.spool.store(record, data)
-            new.append(record)
-        return new
+        store what is deferred. Returns the entry and the schedule changes."""
+        failed = {r.address for r in entry.recipients if r.state is Status.PERMANENT}
+        entry, changed = self._report(entry, data, now, failed_now=failed)
+        if entry.deferred:
+            self.spool.store(entry, data)
+            changed.append((entry.id, entry.due()))
+        return entry, changed
 
     async def _accept_slow(self, env: Envelope, data: bytes, attempt: asyncio.Task[list[Outcome]]) -> Reply:
         """The attempt outlived the cut-through budget: journal it all, answer, record later."""
-        record = new_record(env, self.clock() + self.config.retry[0])
+        entry = new_entry(env, self.clock() + self.config.retry[0])
         self._busy.add(env.id)
         try:
-            await asyncio.to_thread(self.spool.store, record, data)
+            await asyncio.to_thread(self.spool.store, entry, data)
         except SpoolError as exc:
             maillog.problem(env.id, f"not journalled, answering 451: {exc}")
             self._busy.discard(env.id)
@@ -237,102 +229,116 @@ class Queue:
     async def _commit(self, qid: str, outcomes: Sequence[Outcome]) -> None:
         try:
             self._schedule_all(await asyncio.to_thread(self._commit_sync, qid, outcomes, self.clock()))
+        except CorruptEntry as exc:
+            await asyncio.to_thread(self._quarantine, qid, exc)
         except SpoolError as exc:
             maillog.problem(qid, f"cannot record outcome, will retry: {exc}")
             self._due[qid] = self.clock() + self.config.retry[0]
 
-    def _commit_sync(self, qid: str, outcomes: Sequence[Outcome], now: float) -> list[Record]:
+    def _commit_sync(self, qid: str, outcomes: Sequence[Outcome], now: float) -> list[Due]:
         """Worker thread, under the spool lock: merge outcomes into the current record,
-        report, save. Returns the records whose schedule changed (the loop applies it)."""
+        report, save. Returns the schedule changes (the loop applies them)."""
         with self.spool.locked():
             if not self.spool.exists(qid):
                 log.info("%s: entry was deleted meanwhile", qid)
-                return []
-            record = self.spool.load(qid)
-            changed: list[Record] = []
+                return [(qid, None)]
+            entry = self.spool.load(qid)
+            changed: list[Due] = []
             if any(o.spawned for o in outcomes):
-                changed = self._store_spawned(envelope_of(record), self.spool.message(qid), outcomes, now)
-            by_address = {r["address"]: r for r in record["recipients"]}
-            newly_failed = set()
+                made = journal_spawned(self.spool, entry.envelope, self.spool.message(qid), outcomes, now)
+                changed += [(e.id, e.received_at) for e in made]
+            updates: dict[str, QueuedRecipient] = {}
             for o in outcomes:
-                rcpt = by_address.get(o.recipient)
-                if rcpt is None or rcpt["state"] != "pending":
+                r = _recipient(entry, o.recipient)
+                if r is None or not r.deferred or o.recipient in updates:
                     continue
-                apply_outcome(rcpt, o, now, self.config.retry)
-                maillog.outcome(qid, o, attempt=rcpt["attempts"])
-                if rcpt["state"] == "failed":
-                    newly_failed.add(o.recipient)
-            if expired(record["received_at"], self.config.give_up_after, now):
-                for rcpt in record["recipients"]:
-                    if rcpt["state"] == "pending":
-                        rcpt["state"] = "failed"
-                        rcpt["last_error"] = rcpt.get("last_error") or "451 4.4.7 Message expired"
-                        rcpt["gave_up"] = True
-                        rcpt.pop("next_attempt", None)
-                        newly_failed.add(rcpt["address"])
-                        log.info("%s: to=<%s> gave up after %.0fs", qid, rcpt["address"], now - record["received_at"])
-            data = self.spool.message(qid) if newly_failed or self._warn_due(record, now) else b""
-            changed += self._report(record, data, now, failed_now=newly_failed)
-            if any(r["state"] == "pending" for r in record["recipients"]):
-                self.spool.update(record)
+                updates[o.recipient] = new = apply_outcome(r, o, now, self.config.retry)
+                maillog.outcome(qid, o, attempt=new.attempts)
+            entry = entry.updated(updates)
+            newly_failed = {a for a, r in updates.items() if r.state is Status.PERMANENT}
+            if expired(entry.received_at, self.config.give_up_after, now) and entry.deferred:
+                for r in entry.deferred:
+                    log.info("%s: to=<%s> gave up after %.0fs; last reply: %s", qid, r.address,
+                             now - entry.received_at, r.reply or EXPIRED)
+                newly_failed |= {r.address for r in entry.deferred}
+                entry = entry.updated({r.address: give_up(r) for r in entry.deferred})
+            data = self.spool.message(qid) if newly_failed or self._warn_due(entry, now) else b""
+            entry, reported = self._report(entry, data, now, failed_now=newly_failed)
+            changed += reported
+            if entry.deferred:
+                self.spool.update(entry)
             else:
                 self.spool.remove(qid)
                 maillog.removed(qid, "no recipients left to try")
-            return [*changed, record]
+            return [*changed, (qid, entry.due())]
 
-    def _warn_due(self, record: Record, now: float) -> bool:
+    def _warn_due(self, entry: QueueEntry, now: float) -> bool:
         after = self.config.warn_after
-        return (after is not None and not record.get("warned") and now - record["received_at"] >= after
-                and any(r["state"] == "pending" for r in record["recipients"]))
+        return (after is not None and not entry.warned and now - entry.received_at >= after
+                and bool(entry.deferred))
 
-    def _report(self, record: Record, data: bytes, now: float, failed_now: set[str]) -> list[Record]:
+    def _report(self, entry: QueueEntry, data: bytes, now: float,
+                failed_now: Collection[str]) -> tuple[QueueEntry, list[Due]]:
         """Journal a bounce for ``failed_now`` and, when due, one delay warning (worker
-        thread, durable before return). Returns the new entries."""
+        thread, durable before return). Returns the entry (``warned`` set) and the new
+        entries' schedule."""
+        age = now - entry.received_at
         reports = [
-            RecipientReport(r["address"], "failed", _status_of(r), r.get("last_error", ""),
-                            r.get("remote_host", ""), now)
-            for r in record["recipients"] if r["address"] in failed_now
+            RecipientReport(r.address, "failed", _reply_status(r), str(r.reply or ""), r.remote_host, now,
+                            gave_up_after=age if r.gave_up else None)
+            for r in entry.recipients if r.address in failed_now
         ]
-        if self._warn_due(record, now):
-            record["warned"] = True
-            until = record["received_at"] + self.config.give_up_after
+        if self._warn_due(entry, now):
+            entry = replace(entry, warned=True)
+            until = entry.received_at + self.config.give_up_after
             reports += [
-                RecipientReport(r["address"], "delayed", _status_of(r), r.get("last_error", ""),
-                                r.get("remote_host", ""), now, until)
-                for r in record["recipients"] if r["state"] == "pending"
+                RecipientReport(r.address, "delayed", _reply_status(r), str(r.reply or ""), r.remote_host, now, until)
+                for r in entry.deferred
             ]
         if not reports:
-            return []
-        qid, sender = record["id"], record["sender"]
+            return entry, []
+        qid, sender = entry.id, entry.sender
         if not sender:
             maillog.problem(qid, "failure of a message from <> is not reported (never bounce a bounce): "
                                  + ", ".join(r.recipient for r in reports))
-            return []
+            return entry, []
         dsn = build_report(reporting_mta=self.hostname, sender=sender, queue_id=qid,
-                           arrival=record["received_at"], reports=reports, original=data, now=now)
-        env = Envelope(new_id(now), "", (sender,), now, smtputf8=not sender.isascii(), size=len(dsn))
-        bounce = new_record(env, now)
-        self.spool.store(bounce, dsn)
+                           arrival=entry.received_at, reports=reports, original=data, now=now)
+        bounce = self.spool.journal_new("", (sender,), dsn, now=now)
         kind = "bounce" if any(r.action == "failed" for r in reports) else "delay warning"
-        log.info("%s: %s %s to <%s> for %s", qid, kind, env.id, sender, ", ".join(r.recipient for r in reports))
-        return [bounce]
+        log.info("%s: %s %s to <%s> for %s", qid, kind, bounce.id, sender, ", ".join(r.recipient for r in reports))
+        return entry, [(bounce.id, now)]
+
+    def _quarantine(self, name: str, exc: SpoolError) -> None:
+        """Move a damaged entry aside and say so, once (worker thread). Looked at again
+        under the spool lock first: an entry removed or rewritten meanwhile is left alone."""
+        try:
+            with self.spool.locked():
+                still = self.spool.inspect(name)
+                if not isinstance(still, CorruptEntry):
+                    return
+                where = self.spool.quarantine(name, str(still))
+        except (SpoolError, OSError) as err:
+            maillog.problem(name, f"{exc}; cannot move it aside: {err}")
+            return
+        maillog.problem(name, f"{still}; moved to {where}")
 
     # -- retrying ---------------------------------------------------------------
 
-    def _schedule(self, record: Record) -> None:
-        due = due_time(record)
+    def _schedule(self, qid: str, due: float | None) -> None:
         if due is None:
-            self._due.pop(record["id"], None)
+            self._due.pop(qid, None)
         else:
-            self._due[record["id"]] = due
+            self._due[qid] = due
         self._wake.set()
 
-    def _schedule_all(self, records: Sequence[Record]) -> None:
-        for record in records:
-            self._schedule(record)
+    def _schedule_all(self, changes: Sequence[Due]) -> None:
+        for qid, due in changes:
+            self._schedule(qid, due)
 
     async def load(self) -> int:
-        """Read the spool (start-up): drop half-made entries, schedule the rest."""
+        """Read the spool (start-up): drop half-made entries, move damaged ones aside,
+        schedule the rest. Never fails for one entry's sake."""
         def clean() -> None:
             self.spool.create()
             for name in self.spool.clean_orphans():
@@ -341,19 +347,27 @@ class Queue:
         await asyncio.to_thread(clean)
         return await self.reload()
 
-    def _scan(self) -> tuple[int, dict[str, float]]:
+    def _scan(self, busy: Collection[str], now: float) -> tuple[int, dict[str, float]]:
         due: dict[str, float] = {}
         count = 0
-        for record in self.spool.records():
-            count += 1
-            t = due_time(record)
-            if t is not None:
-                due[record["id"]] = t
+        for name, got in self.spool.scan():
+            if isinstance(got, QueueEntry):
+                count += 1
+                if (t := got.due()) is not None:
+                    due[name] = t
+            elif name in busy:
+                continue
+            elif isinstance(got, CorruptEntry):
+                self._quarantine(name, got)
+            else:  # cannot be read now: try again later, do not forget it
+                count += 1
+                maillog.problem(name, f"{got}; will try again")
+                due[name] = now + self.config.retry[0]
         return count, due
 
     async def reload(self) -> int:
         """Re-read every entry's schedule (after ``monomail queue`` changed the spool)."""
-        count, due = await asyncio.to_thread(self._scan)
+        count, due = await asyncio.to_thread(self._scan, frozenset(self._busy), self.clock())
         self._due = {q: t for q, t in due.items() if q not in self._busy}
         self._wake.set()
         return count
@@ -366,7 +380,24 @@ class Queue:
         self._wake.set()
 
     async def run(self) -> None:
-        """Retry entries as they fall due, until cancelled."""
+        """Retry entries as they fall due, until cancelled. The loop is supervised: if it
+        raises, the error is logged and it restarts after a backoff (0.5 s, doubling to
+        30 s; back to 0.5 s after a minute without trouble)."""
+        backoff = RESTART_MIN
+        while True:
+            started = time.monotonic()
+            try:
+                await self._run_loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("queue runner failed; restarting it in %.1fs", backoff)
+            if time.monotonic() - started > 60:
+                backoff = RESTART_MIN
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_MAX)
+
+    async def _run_loop(self) -> None:
         while True:
             now = self.clock()
             for qid in [q for q, t in self._due.items() if t <= now and q not in self._busy]:
@@ -384,30 +415,50 @@ class Queue:
             async with self._slots:
                 await self._retry_entry(qid)
         except Exception:
-            log.exception("%s: retry failed", qid)
-            self._due[qid] = self.clock() + self.config.retry[0]
+            log.exception("%s: retry failed, will try again", qid)
+            self._due[qid] = self._now() + self.config.retry[0]
         finally:
             self._busy.discard(qid)
+            self._wake.set()
 
     async def _retry_entry(self, qid: str) -> None:
         try:
-            record = await asyncio.to_thread(self.spool.load, qid)
+            entry = await asyncio.to_thread(self.spool.load, qid)
             data = await asyncio.to_thread(self.spool.message, qid)
-        except SpoolError as exc:
-            maillog.problem(qid, f"cannot read queue entry: {exc}")
+        except CorruptEntry as exc:
+            await asyncio.to_thread(self._quarantine, qid, exc)
             return
-        if record.get("hold"):
+        except SpoolError as exc:
+            if not await asyncio.to_thread(self._still_there, qid):
+                log.info("%s: entry was deleted meanwhile", qid)
+                return
+            maillog.problem(qid, f"{exc}; will try again")
+            self._due[qid] = self.clock() + self.config.retry[0]
+            return
+        if entry.hold:
             return
         now = self.clock()
-        todo = [r for r in record["recipients"] if r["state"] == "pending" and r.get("next_attempt", 0) <= now]
+        todo = [r for r in entry.deferred if (r.next_attempt or 0.0) <= now]
         if not todo:
-            self._schedule(record)
+            self._schedule(qid, entry.due())
             return
-        env = envelope_of(record)
-        addresses = [r["address"] for r in todo]
-        finished = {r["address"]: r.get("finished", []) for r in todo}
-        outcomes = await self._attempt(env, data, addresses, finished)
+        addresses = [r.address for r in todo]
+        finished = {r.address: r.finished for r in todo}
+        outcomes = await self._attempt(entry.envelope, data, addresses, finished)
         await self._commit(qid, outcomes)
+
+    def _now(self) -> float:
+        """The injected clock, or the system's if it fails (for error paths that must not)."""
+        try:
+            return self.clock()
+        except Exception:
+            return time.time()
+
+    def _still_there(self, qid: str) -> bool:
+        try:
+            return self.spool.exists(qid)
+        except OSError:
+            return True  # cannot tell: keep it
 
     async def close(self, grace: float) -> None:
         """Wait (bounded) for deliveries in flight, then cancel what is left."""
@@ -418,3 +469,7 @@ class Queue:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+
+
+def _recipient(entry: QueueEntry, address: str) -> QueuedRecipient | None:
+    return next((r for r in entry.recipients if r.address == address), None)

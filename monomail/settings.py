@@ -60,6 +60,30 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """An alias that answers instead of delivering: ``":fail: 5.1.1 This user has left"``
+    (``code`` 5yz, refused for good) or ``":defer: 4.2.1 Moving, try later"`` (4yz)."""
+
+    code: int  # the SMTP reply code: 550 / 450 unless the alias names another
+    status: str  # the RFC 3463 enhanced status code, of the same class as ``code``
+    text: str  # printable ASCII, at most ``addrlist.MAX_TEXT`` characters
+
+    @property
+    def temporary(self) -> bool:
+        return self.code < 500
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """``":blackhole:"``: mail for the alias is accepted and delivered nowhere."""
+
+
+# What an alias or a virtual entry stands for: its targets (users, aliases, addresses),
+# or, alone, a refusal or a discard.
+AliasTargets = tuple[str, ...] | Refusal | Discard
+
+
+@dataclass(frozen=True, slots=True)
 class Forward:
     """``[forward] user = { to = [...], keep_copy = true }``: what ``.forward`` gives."""
 
@@ -145,8 +169,8 @@ class Config:
     server: ServerConfig
     local: LocalConfig
     users: Mapping[str, User]
-    aliases: Mapping[str, tuple[str, ...]]
-    virtual: Mapping[str, Mapping[str, tuple[str, ...]]]
+    aliases: Mapping[str, AliasTargets]
+    virtual: Mapping[str, Mapping[str, AliasTargets]]
     forward: Mapping[str, Forward]
     lists: Mapping[str, MailingList]
     list_addresses: Mapping[str, tuple[MailingList, str]]  # address → (list, "post" | "owner")

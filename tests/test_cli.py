@@ -62,7 +62,7 @@ def test_sigterm_lets_a_session_in_flight_finish(process_server):
 
 def test_queue_list_shows_deferred_mail(process_server, tmp_path: Path):
     (tmp_path / "mail").mkdir()
-    (tmp_path / "mail" / "bob.lock").write_text("999\n")  # someone else holds bob's mbox
+    (tmp_path / "mail" / "bob.lock").write_text("0\n")  # someone else holds bob's mbox (no pid: honoured)
     server = process_server(local={"lock_timeout": "0.05s"}, queue={"retry": ["1h"]})
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:
         assert s.sendmail("me@remote.test", ["bob@example.test", "alice@example.test"],
@@ -71,9 +71,10 @@ def test_queue_list_shows_deferred_mail(process_server, tmp_path: Path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "from <me@remote.test>" in lines[0] and "age " in lines[0] and "size " in lines[0]
-    assert "pending  <bob@example.test>  attempts 1" in out.stdout
-    assert "alice" not in out.stdout  # delivered at once, not pending
-    assert "last error: 450 4.2.0 Mailbox busy" in out.stdout
+    assert "deferred <bob@example.test>  attempts 1" in out.stdout
+    assert "alice" not in out.stdout  # delivered at once, not deferred
+    assert "last reply: 450 4.2.0 Mailbox busy" in out.stdout
+    assert "cause: mbox " in out.stdout and "bob" in out.stdout  # which mailbox, and why
     assert "next attempt in" in out.stdout
     assert lines[-1] == "-- 1 message(s) in queue"
     assert server.terminate() == 0

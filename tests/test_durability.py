@@ -27,8 +27,10 @@ def test_unwritable_mailbox_is_journalled_and_retried(serve, tmp_path):
     (entry,) = (tmp_path / "spool").glob("*.json")
     record = json.loads(entry.read_text())
     states = {r["address"]: r["state"] for r in record["recipients"]}
-    assert states == {"carol@example.test": "pending", "alice@example.test": "delivered"}
-    assert record["recipients"][0]["last_error"].startswith("451 4.3.0")
+    assert states == {"carol@example.test": "deferred", "alice@example.test": "delivered"}
+    carol = record["recipients"][0]
+    assert (carol["reply"]["code"], carol["reply"]["status"]) == (451, "4.3.0")
+    assert "carol" in carol["cause"]  # the cause, for the admin: which mailbox and why
     assert entry.with_suffix(".msg").read_bytes().startswith(b"Received: from ")
     # The admin fixes the mailbox; the retry (1s schedule in tests) delivers.
     (tmp_path / "mail" / "carol").unlink()

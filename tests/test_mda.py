@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import email
+import json
 import mailbox
 import os
 import pwd
@@ -96,14 +97,14 @@ def test_locked_mbox_is_75_and_nothing_is_written(tmp_path: Path):
     folder = tmp_path / "mail"
     folder.mkdir()
     (folder / "bob").write_bytes(b"")
-    (folder / "bob.lock").write_text("31337\n")  # another program's dot-lock
+    (folder / "bob.lock").write_text("0\n")  # another program's dot-lock (no pid: honoured)
     started = time.monotonic()
     result = mda(config, "-u", "bob")
     assert result.returncode == 75
     assert "4.2.0" in one_line(result)
     assert time.monotonic() - started < 10
     assert (folder / "bob").read_bytes() == b""
-    assert (folder / "bob.lock").read_text() == "31337\n"
+    assert (folder / "bob.lock").read_text() == "0\n"
 
 
 @pytest.mark.parametrize("args", [[], ["-u"], ["-u", "alice", "--bogus"]])
@@ -119,6 +120,29 @@ def test_bad_config_is_temporary(tmp_path: Path):
     result = mda(tmp_path / "missing.toml", "-u", "alice")
     assert result.returncode == 75
     assert "config error" in one_line(result)
+
+
+def test_a_recipe_forward_is_journalled_as_the_recipes_left_it(tmp_path: Path):
+    """Defect 5: the copy a recipe's ``!`` forwards is what the recipes made of the
+    message (here: filtered to upper case) with its ``Delivered-To`` loop marker, exactly
+    as through the server; not the original bytes."""
+    home = tmp_path / "mail" / "alice"
+    home.mkdir(parents=True)
+    (home / ".procmailrc").write_text(":0 fbw\n| /usr/bin/tr a-z A-Z\n\n:0 c\n! friend@remote.test\n")
+    config = write_config(tmp_path, filters={"enabled": True, "allow_pipes": ["alice"]})
+    result = mda(config, "-u", "alice", "-f", "sender@remote.test",
+                 stdin=b"Subject: pass it on\r\n\r\nquiet words\r\n")
+    assert result.returncode == 0, result.stderr
+    (entry,) = (tmp_path / "spool").glob("*.json")
+    record = json.loads(entry.read_text())
+    assert [r["address"] for r in record["recipients"]] == ["friend@remote.test"]
+    forwarded = email.message_from_bytes(entry.with_suffix(".msg").read_bytes())
+    assert forwarded["Delivered-To"] == "alice@example.test"  # the loop marker travels with it
+    assert forwarded.get_payload().strip() == "QUIET WORDS"  # what the recipes filtered
+    assert [r["state"] for r in record["recipients"]] == ["deferred"]
+    box = mailbox.Maildir(home, factory=None, create=False)
+    [kept] = [email.message_from_bytes(box.get_bytes(k)) for k in box.iterkeys()]
+    assert kept.get_payload().strip() == "QUIET WORDS"  # c: alice keeps her copy
 
 
 # -- Postfix hands mail to monomail deliver ------------------------------------------------

@@ -69,6 +69,12 @@ def spool_entries(server) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(server.config.server.spool_dir.glob("*.json"))]
 
 
+def last_reply(entry: dict, n: int = 0) -> str:
+    """A recipient's last reply as the spool record holds it (code, status, text)."""
+    reply = entry["recipients"][n]["reply"]
+    return f"{reply['code']} {reply['status']} {reply['text']}"
+
+
 def wait_until(pred, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -176,8 +182,8 @@ def test_servfail_defers(serve, dns, port):
     code, text = send(server, ["x@flaky.test"])
     assert code == 250 and b"queued" in text
     (entry,) = spool_entries(server)
-    assert entry["recipients"][0]["state"] == "pending"
-    assert entry["recipients"][0]["last_error"].startswith("451 4.4.3")
+    assert entry["recipients"][0]["state"] == "deferred"
+    assert last_reply(entry).startswith("451 4.4.3")
 
 
 # -- acceptance 3: mixed outcomes in one transaction ---------------------------------------
@@ -206,7 +212,7 @@ def test_mixed_outcomes_deliver_bounce_and_defer(serve, dns, port, peers):
     assert "Subject: relay me" in dsn.get_payload()[2].get_payload()
     # The deferred one is in the queue, with its error.
     out = cli("queue", "list", "-c", str(server.config.path))
-    assert "pending  <temp@remote.test>" in out.stdout and "450 4.2.0 try later" in out.stdout
+    assert "deferred <temp@remote.test>" in out.stdout and "450 4.2.0 try later" in out.stdout
     assert "ok@remote.test" not in out.stdout
 
 
@@ -273,7 +279,7 @@ def test_queue_hold_release_show_delete(process_server, dns, port):
     assert record["hold"] is True and record["recipients"][0]["attempts"] == attempts
     assert json.loads((spool / f"{second}.json").read_text())["recipients"][0]["attempts"] > 1
     show = cli("queue", "show", first, "-c", cfg).stdout
-    assert "held:        yes" in show and "<x@flaky.test> pending" in show and "Subject: relay me" in show
+    assert "held:        yes" in show and "<x@flaky.test> deferred" in show and "Subject: relay me" in show
     assert "(held)" in cli("queue", "list", "-c", cfg).stdout
     assert "released" in cli("queue", "release", first, "-c", cfg).stdout
     wait_until(lambda: json.loads((spool / f"{first}.json").read_text())["recipients"][0]["attempts"] > attempts)
@@ -308,7 +314,7 @@ def test_tls_required_defers_rather_than_send_in_the_clear(serve, dns, port, pee
     assert code == 250 and b"queued" in text
     assert peer.received == []
     (entry,) = spool_entries(server)
-    assert entry["recipients"][0]["last_error"].startswith("451 4.7.5")
+    assert last_reply(entry).startswith("451 4.7.5")
 
 
 # -- acceptance 6: smarthost with AUTH ------------------------------------------------------
@@ -337,7 +343,7 @@ def test_smarthost_wrong_password_defers(serve, dns, port, peers, tmp_path):
     code, text = send(server, ["x@anywhere.test"])
     assert code == 250 and b"queued" in text
     assert relayhost.received == []
-    assert spool_entries(server)[0]["recipients"][0]["last_error"].startswith("451 4.7.0")
+    assert last_reply(spool_entries(server)[0]).startswith("451 4.7.0")
 
 
 # -- acceptance 7: never bounce a bounce; one delay warning --------------------------------
