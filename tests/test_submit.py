@@ -258,9 +258,8 @@ def test_without_a_server_the_message_is_spooled_and_delivered_at_start(tmp_path
     [entry] = spool_entries(tmp_path)
     qid = entry.stem
     data = entry.with_suffix(".msg").read_bytes()
-    # The queue id is made by Spool.journal_new (the one way to journal a new message), so
-    # our Received field no longer names it ("with local id"); -bp and the log do.
     assert data.startswith(b"Received: by mx.example.test (monomail sendmail, from userid ")
+    assert f"with local id {qid}".encode() in data
     assert b"\nBcc:" not in data and b"\r" not in data
     assert not maildir_messages(tmp_path, "alice")
 
@@ -281,7 +280,7 @@ def test_without_a_server_the_message_is_spooled_and_delivered_at_start(tmp_path
         msg = headers(raw)
         assert msg["Return-Path"] == f"<{LOGIN}@example.test>"
         assert b"\nBcc:" not in raw
-        assert any("(monomail sendmail, from userid" in r for r in msg.get_all("Received"))
+        assert any(f"with local id {qid}" in r for r in msg.get_all("Received"))
         assert "naïve Größe".encode() in raw
 
 

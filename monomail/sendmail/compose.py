@@ -124,10 +124,12 @@ def _from_value(name: str, address: str) -> str:
         return address
 
 
-def received_field(hostname: str, uid: int, when: float) -> bytes:
+def received_field(hostname: str, uid: int, when: float, queue_id: str | None = None) -> bytes:
     """Our trace field for a local submission (RFC 5321 §4.4)."""
-    return (f"Received: by {hostname} (monomail sendmail, from userid {uid});"
-            f" {email.utils.formatdate(when, localtime=True)}\n").encode()
+    text = f"Received: by {hostname} (monomail sendmail, from userid {uid})"
+    if queue_id:
+        text += f"\n\twith local id {queue_id}"
+    return f"{text}; {email.utils.formatdate(when, localtime=True)}\n".encode()
 
 
 # -- addresses --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ..control import RunningServer, running_server, tell_server
-from ..envelope import Address
+from ..envelope import Address, new_id
 from ..errors import Failure, RouteError, SpoolError
 from ..policy import check_recipient
 from ..settings import Config
@@ -171,10 +171,11 @@ def submit_spool(config: Config, sender: str, recipients: Sequence[str], data: b
     if not ok:
         return
     now = time.time()
+    qid = new_id(now)
     spool = Spool(config.server.spool_dir)
     try:
         spool.create()
-        env = spool.journal_new(sender, ok, received_field(config.hostname, uid, now) + data, now=now)
+        env = spool.journal_new(sender, ok, received_field(config.hostname, uid, now, qid) + data, now=now, qid=qid)
     except (OSError, SpoolError) as exc:  # whatever the reason: try again later
         cause = exc.__cause__ if isinstance(exc, SpoolError) and exc.__cause__ else exc
         raise Failure(EX_TEMPFAIL, f"cannot write to the spool {spool.dir}: {cause}") from cause
