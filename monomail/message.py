@@ -128,14 +128,14 @@ class Content:
             return
         if self.strict:
             lines = block.split(b"\r\n")
-            crlf = len(lines) - 1  # every CR and every LF must be part of a CRLF
-            if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+            lf = b"\n".join(lines)
+            # Every CR and every LF must be part of a CRLF: no CR is left, and no LF but those.
+            if b"\r" in lf or block.count(b"\n") != len(lines) - 1:
                 self._refuse(BARE_CR_LF)
                 return
             if self._too_long(lines):
                 self._refuse(LINE_TOO_LONG)
                 return
-            lf = b"\n".join(lines)
         else:
             lf = block.replace(b"\r\n", b"\n")
         if self.dot_stuffed and b"." in block:  # RFC 5321 §4.5.2: drop a line's leading dot
