@@ -1,6 +1,6 @@
 """The message as bytes: checking what arrived in DATA, and the trace headers we add.
 
-Job: pure functions over raw message bytes.
+Job: pure code over raw message bytes (no I/O).
 
 - `Content` checks DATA content as it is read (RFC 5321 §4.5.2 dot-stuffing removed,
   CRLF line endings) and gives it with LF endings, the form monomail stores and spools.

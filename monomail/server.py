@@ -91,11 +91,8 @@ class Session(SMTP):
         self._counted = False
         self.peer_ip = "127.0.0.1"
         self.trusted = False
-        super().__init__(
+        super().__init__(  # size, SMTPUTF8 and the rest are the core's: aiosmtpd's own commands are unused
             _NoHooks(),
-            data_size_limit=cfg.server.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
             hostname=cfg.hostname,
             ident=IDENT,
             timeout=cfg.server.timeout,
