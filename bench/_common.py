@@ -1,5 +1,6 @@
-"""What bench/throughput.py and bench/relay.py share: event loop, sink plumbing, messages,
-the raw-asyncio SMTP load generator, subprocess servers, CPU sampling, summaries, CLI and main.
+"""What the bench/ scripts (throughput, relay, latency, killstorm) share: event loop, sink
+plumbing, messages, the raw-asyncio SMTP load generator, subprocess servers, CPU sampling,
+percentiles, client loop lag, summaries, CLI and main.
 
 Not a benchmark itself; the scripts import it as ``_common`` (Python puts a script's own
 folder first on ``sys.path``, so this works from any working directory).
@@ -171,6 +172,17 @@ class Client:
         self.writer.write(data)
         return await self._reply(want)
 
+    async def stream(self, stage: str, data: bytes, want: int, chunk: int = 65536) -> bytes:
+        """Like :meth:`command`, but written ``chunk`` bytes at a time, waiting for the socket to
+        drain after each (a big DATA payload streamed, not handed to the transport at once)."""
+        assert self.writer is not None
+        self.stage = stage
+        view = memoryview(data)
+        for start in range(0, len(view), chunk):
+            self.writer.write(view[start:start + chunk])
+            await self.writer.drain()
+        return await self._reply(want)
+
     async def open(self, ehlo: bool = True) -> None:
         self.stage = "connect"
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
@@ -300,6 +312,50 @@ def latency_ms(latencies: list[float]) -> tuple[float, float]:
     p50 = 1000 * lat[len(lat) // 2] if lat else float("nan")
     p99 = 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
     return p50, p99
+
+
+def percentiles_ms(latencies: list[float], points: Iterable[float] = (50, 90, 99, 100)) -> dict[str, float]:
+    """``{"p50": ms, "p90": ms, ..., "max": ms}`` (nearest rank; NaN without any); 100 is "max"."""
+    lat = sorted(latencies)
+    out = {}
+    for p in points:
+        name = "max" if p == 100 else f"p{p:g}"
+        if not lat:
+            out[name] = float("nan")
+            continue
+        rank = max(1, -(-len(lat) * p // 100))  # ceil(n * p / 100), at least 1
+        out[name] = 1000 * lat[min(len(lat), int(rank)) - 1]
+    return out
+
+
+class LoopLag:
+    """How late this process's own event loop wakes up: a task sleeps ``interval`` seconds over and
+    over and records the overshoot. A big value means the load generator, not the server, was slow."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(self.interval)
+            self.lags.append(max(0.0, time.perf_counter() - t0 - self.interval))
+
+    def start(self) -> None:
+        self.lags = []
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> dict[str, float]:
+        """Stop; the lag's p99 and max in ms."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        got = percentiles_ms(self.lags, (99, 100))
+        return {"p99_ms": got["p99"], "max_ms": got["max"]}
 
 
 def cpu_seconds(pid: int | None) -> float:
