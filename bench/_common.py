@@ -151,8 +151,8 @@ class Client:
         self.writer: asyncio.StreamWriter | None = None
         self.stage = "connect"
 
-    async def _reply(self, want: int) -> bytes:
-        """The last line of the reply (raw), if its code starts with ``want``."""
+    async def _last_line(self) -> bytes:
+        """The last line of the next reply (raw), its code checked to be three digits."""
         assert self.reader is not None
         while True:
             line = await self.reader.readline()
@@ -162,6 +162,19 @@ class Client:
                 break
         if not line[:3].isdigit():
             raise SMTPFailure(f"{self.stage}: malformed reply {line[:80]!r}")
+        return line
+
+    async def exchange(self, stage: str, data: bytes) -> tuple[int, str]:
+        """Send ``data``; the reply's code and last line (text), whatever the code."""
+        assert self.writer is not None
+        self.stage = stage
+        self.writer.write(data)
+        line = await self._last_line()
+        return int(line[:3]), line.decode("ascii", "replace").strip()
+
+    async def _reply(self, want: int) -> bytes:
+        """The last line of the reply (raw), if its code starts with ``want``."""
+        line = await self._last_line()
         if line[0] - 0x30 != want:
             raise SMTPFailure(f"{self.stage}: {line.decode('ascii', 'replace').strip()[:120]}")
         return line
@@ -429,10 +442,10 @@ def stop_server(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
 
 
 def write_monomail_config(directory: Path, *, hostname: str, listen: str, max_connections: int, user: str,
-                          server_extra: str = "", sections: str = "") -> Path:
+                          server_extra: str = "", sections: str = "", local_extra: str = "") -> Path:
     """``directory/monomail.toml``: one trusted listener, a local Maildir domain ``example.test`` with
-    ``user``, warnings logged to ``monomail-log.txt``. ``server_extra``: more ``[server]`` lines;
-    ``sections``: more tables (both as TOML text ending in a newline)."""
+    ``user``, warnings logged to ``monomail-log.txt``. ``server_extra`` / ``local_extra``: more
+    ``[server]`` / ``[local]`` lines; ``sections``: more tables (all as TOML text ending in a newline)."""
     path = directory / "monomail.toml"
     path.write_text(f"""\
 hostname = "{hostname}"
@@ -448,7 +461,7 @@ shutdown_grace = "10s"
 domains = ["example.test"]
 mailbox_format = "maildir"
 mail_dir = "mail"
-
+{local_extra}
 [users.{user}]
 
 {sections}[log]
@@ -544,7 +557,8 @@ def run_benchmark(name: str, prefix: str, args: argparse.Namespace, amain: Amain
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     procs: list[subprocess.Popen[bytes]] = []
     closers: list[Callable[[], None]] = []
-    signal.signal(signal.SIGTERM, _terminate)  # so that the finally below kills the servers
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)  # so that the finally below kills the servers
     try:
         return run_loop(amain(workdir, procs, closers))
     except RuntimeError as exc:
