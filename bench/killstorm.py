@@ -431,6 +431,8 @@ async def probe(port: int, ledger: dict[str, Sent], workdir: Path, timeout: floa
                     await asyncio.sleep(0.1)
             results[rcpt] = {"seconds": round(time.perf_counter() - t0, 3), "reply": rec.reply}
         except ERRORS as exc:
+            if rec.state == "unsent":
+                rec.state = "broken"
             results[rcpt] = {"seconds": None, "reply": rec.reply or describe(client.stage, exc, timeout)}
         finally:
             await client.close()
@@ -464,7 +466,20 @@ def read_back_one(workdir: Path, rcpt: str, token: str) -> bool:
 # -- the verdict ------------------------------------------------------------------------
 
 
-def verdict(ledger: dict[str, Sent], copies: Copies) -> dict[str, Any]:
+def queued_tokens(spool: Path) -> set[str]:
+    """Tokens of the messages still in the spool (entries with a ``.json``)."""
+    out = set()
+    for msg in spool.glob("*.msg"):
+        if msg.with_suffix(".json").exists():
+            with contextlib.suppress(OSError):
+                token, _ = body_of(msg.read_bytes()[:16384])
+                if token:
+                    out.add(token)
+    return out
+
+
+def verdict(ledger: dict[str, Sent], copies: Copies, queued: set[str]) -> dict[str, Any]:
+    """Expected / delivered / duplicates per kind; lost (still queued or gone), corrupt, not acked."""
     kinds = sorted(set(KINDS.values()))
     expected = dict.fromkeys(kinds, 0)
     delivered = dict.fromkeys(kinds, 0)
@@ -482,7 +497,8 @@ def verdict(ledger: dict[str, Sent], copies: Copies) -> dict[str, Any]:
                 if copies.count[(rec.token, rcpt)]:
                     delivered[kind] += 1
                 else:
-                    lost.append(f"{rec.token} -> {rcpt} ({kind})")
+                    where = "still queued" if rec.token in queued else "gone"
+                    lost.append(f"{rec.token} -> {rcpt} ({kind}, {where}; reply was {rec.reply!r})")
         elif any(copies.count[(rec.token, r)] for r in rec.rcpts):
             if rec.state == "refused":
                 refused_delivered += 1
@@ -490,7 +506,8 @@ def verdict(ledger: dict[str, Sent], copies: Copies) -> dict[str, Any]:
                 unacked_delivered += 1
     return {
         "messages": dict(states), "expected": expected, "delivered": delivered, "duplicates": duplicates,
-        "lost": len(lost), "lost_examples": lost[:MAX_SHOWN],
+        "lost": len(lost), "lost_still_queued": sum("still queued" in x for x in lost),
+        "lost_examples": lost[:MAX_SHOWN],
         "corrupt": len(copies.corrupt), "corrupt_examples": copies.corrupt[:MAX_SHOWN],
         "broken_delivered": unacked_delivered, "broken_not_delivered": states["broken"] - unacked_delivered,
         "refused_delivered": refused_delivered, "bounces_at_sink": copies.bounces,
@@ -513,6 +530,22 @@ def log_problems(workdir: Path) -> tuple[collections.Counter[str], int]:
     return found, expected
 
 
+def first_traceback(workdir: Path) -> list[str]:
+    """The first traceback in the servers' logs, with the line before it (up to 30 lines)."""
+    for name in ("monomail-log.txt", "monomail.log"):
+        with contextlib.suppress(OSError):
+            lines = (workdir / name).read_text(errors="replace").splitlines()
+            for i, line in enumerate(lines):
+                if line.startswith("Traceback"):
+                    out = lines[max(0, i - 1):i + 1]
+                    for more in lines[i + 1:i + 30]:
+                        if more[:4].isdigit():  # the next timestamped log line
+                            break
+                        out.append(more)
+                    return [x.replace(str(workdir), "<dir>") for x in out]
+    return []
+
+
 def print_report(doc: dict[str, Any]) -> None:
     v = doc["check"]
     s = doc["settings"]
@@ -531,7 +564,8 @@ def print_report(doc: dict[str, Any]) -> None:
     print(f"{'kind':8} {'expected':>8} {'delivered':>9} {'duplicates':>10}")
     for kind in v["expected"]:
         print(f"{kind:8} {v['expected'][kind]:8d} {v['delivered'][kind]:9d} {v['duplicates'][kind]:10d}")
-    print(f"lost (acked, not delivered): {v['lost']}; corrupt copies: {v['corrupt']}")
+    print(f"lost (acked, not delivered): {v['lost']} ({v['lost_still_queued']} still queued, "
+          f"{v['lost'] - v['lost_still_queued']} gone); corrupt copies: {v['corrupt']}")
     for line in v["lost_examples"] + v["corrupt_examples"]:
         print(f"  {line}")
     print(f"not acked: {v['broken_delivered']} broken ones delivered anyway, {v['broken_not_delivered']} not; "
@@ -549,6 +583,10 @@ def print_report(doc: dict[str, Any]) -> None:
         print("other server log warnings/errors (numbers blurred):")
         for text, n in list(doc["log_problems"].items())[:MAX_SHOWN]:
             print(f"  x{n}: {text}")
+    if doc["first_traceback"]:
+        print("first traceback in the server logs:")
+        for line in doc["first_traceback"]:
+            print(f"  | {line}")
     if doc.get("error"):
         print(f"RUN ERROR: {doc['error']}")
     print("verdict: " + ("OK" if doc["ok"] else "FAIL (" + "; ".join(doc["reasons"]) + ")"))
@@ -597,6 +635,7 @@ async def amain(args: argparse.Namespace, workdir: Path, procs: list[subprocess.
     progress(f"monomail: starting on {HOST}:{port}")
     server.start()
     load = Load()
+    probes: dict[str, Sent] = {}  # the final probe messages: known to the read-back, not in the tally
     spool = workdir / "spool"
     doc: dict[str, Any] = {
         "settings": {k: getattr(args, k) for k in ("kills", "seed", "sessions", "min_interval", "max_interval",
@@ -615,7 +654,7 @@ async def amain(args: argparse.Namespace, workdir: Path, procs: list[subprocess.
             progress(f"  draining the spool (up to {args.drain_timeout:g} s)")
             doc["drain_s"], doc["spool_after_drain"] = await drain(spool, args.drain_timeout)
             progress("  probing every mailbox")
-            doc["probe"] = await probe(port, load.ledger, workdir, args.probe_timeout)
+            doc["probe"] = await probe(port, probes, workdir, args.probe_timeout)
     except (RuntimeError, TimeoutError) as exc:
         doc["error"] = str(exc) or f"the run did not finish within --max-seconds {args.max_seconds:g}"
     finally:
@@ -626,16 +665,17 @@ async def amain(args: argparse.Namespace, workdir: Path, procs: list[subprocess.
         doc["server_exit"] = await asyncio.to_thread(stop_server, server.proc) if server.proc else None
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     with (workdir / "ledger.jsonl").open("w", encoding="utf-8") as f:  # for a look with --keep
-        for rec in load.ledger.values():
+        for rec in [*load.ledger.values(), *probes.values()]:
             f.write(json.dumps(asdict(rec)) + "\n")
     progress("  reading every mailbox back")
-    copies = read_back(workdir, load.ledger)
-    doc["check"] = verdict(load.ledger, copies)
+    copies = read_back(workdir, {**load.ledger, **probes})
+    doc["check"] = verdict(load.ledger, copies, queued_tokens(spool))
     doc["lock_files"] = lock_files(workdir)
     doc["maildir_tmp"] = maildir_tmp(workdir)
     doc["spool_end"] = spool_state(spool)
     doc["connect_failures"] = load.connect_failures
     problems, doc["sink_deferrals_logged"] = log_problems(workdir)
+    doc["first_traceback"] = first_traceback(workdir)
     doc["log_problems"] = dict(problems.most_common())
     v = doc["check"]
     reasons = []
