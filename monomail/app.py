@@ -22,13 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import mailstore
-from .config import Config
+from .control import PID_FILE
 from .deliver import Deliverer
 from .mboxrewrite import finish_interrupted_rewrite
 from .queue import Queue
 from .remote import Transport
 from .server import SMTPServer
-from .spool import PID_FILE, Spool
+from .settings import Config
+from .spool import Spool
 from .tables import FileTables
 
 log = logging.getLogger("monomail")

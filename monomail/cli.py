@@ -14,8 +14,10 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .config import Config, load
+from .config import load
+from .control import notify_server
 from .errors import ConfigError, SpoolError
+from .settings import Config
 from .spool import Spool
 
 
@@ -87,8 +89,6 @@ def _spool(args: argparse.Namespace) -> tuple[Config, Spool]:
 
 def _signal_server(config: Config) -> str:
     """Ask a running server to re-read the spool (SIGUSR1); say what happened."""
-    from .submit import notify_server
-
     pid = notify_server(config)
     return f"server (pid {pid}) notified" if pid else "server not running; takes effect when it starts"
 

@@ -10,170 +10,68 @@ the dotted key path (``server.max_recipients: expected an integer ≥ 1, got "te
 ``monomail serve`` and ``monomail check-config`` print it on one line and exit 2.
 Problems that do not stop start-up (an alias loop) are returned as `Config.warnings`.
 
-Not here: what the keys mean at run time (``router``, ``server``, ``queue``).
+Where the file is: `config_path` (``-c``, ``$MONOMAIL_CONFIG``, ``./monomail.toml``,
+``/etc/monomail/monomail.toml``), for the commands other programs call.
+
+Alias and virtual-table targets are users, aliases or addresses; an alias (or a
+virtual entry) may instead hold one special target, as Exim's redirect router spells it,
+that answers for the address at RCPT time instead of delivering it:
+
+- ``":fail: 5.1.1 This user has left"``: refused for good, ``550 5.1.1 This user has
+  left``. The status is optional (default ``5.1.1``, text ``User unknown``); a reply code
+  may precede it (``":fail: 551 5.1.6 Moved to bob@example.net"``); a 5.x.x status only.
+- ``":defer: 4.2.1 Mailbox moving, try tomorrow"``: refused for now, ``450 4.2.1 ...``
+  (default ``4.2.1 Try again later``); a 4.x.x status only.
+- ``":blackhole:"``: accepted and delivered nowhere.
+
+sendmail's ``error:5.1.1:550 text`` and ``error:nouser text`` are read as ``:fail:`` (or
+``:defer:`` for a 4.x.x status). The text must be printable ASCII, at most 200
+characters. A special target must be the only target of its alias: ``olduser =
+[":fail: ..."]``. An alias that names a refusing alias among its targets is refused as a
+whole (a warning says so). The syntax is `addrlist`'s, shared with ``monomail import``.
+
+Not here: the values themselves (``settings``, vocabulary any layer may import), and
+what the keys mean at run time (``router``, ``server``, ``queue``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .addrlist import parse_special
 from .errors import ConfigError
+from .settings import (
+    MAILBOX_FORMATS,
+    AliasTargets,
+    Config,
+    Discard,
+    DNSConfig,
+    FiltersConfig,
+    Forward,
+    Listen,
+    LocalConfig,
+    LogConfig,
+    MailingList,
+    Masquerade,
+    QueueConfig,
+    Refusal,
+    RemoteConfig,
+    ServerConfig,
+    User,
+)
 
-MAILBOX_FORMATS = ("maildir", "mbox")
 # A user name becomes a path component under mail_dir, so it is held to a safe alphabet.
 _USER_NAME = re.compile(r"[a-z0-9_][a-z0-9._\-]*\Z")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\Z")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    listen: tuple[Listen, ...]
-    spool_dir: Path
-    max_message_size: int
-    max_recipients: int
-    max_connections: int
-    max_received_headers: int
-    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    timeout: float
-    shutdown_grace: float
-
-
-@dataclass(frozen=True, slots=True)
-class LocalConfig:
-    domains: frozenset[str]
-    primary_domain: str
-    mailbox_format: str
-    mail_dir: Path
-    recipient_delimiter: str
-    lock_timeout: float
-    allow_dot_forward: bool
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    name: str
-    mailbox_format: str
-    path: Path
-    home: Path  # $HOME for recipes: the Maildir folder, or <mail_dir>/.<user> for mbox users
-    recipes: Path  # the user's procmail-style recipe file (default <home>/.procmailrc)
-
-
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """``[forward] user = { to = [...], keep_copy = true }``: what ``.forward`` gives."""
-
-    user: str
-    to: tuple[str, ...]
-    keep_copy: bool
-
-
-@dataclass(frozen=True, slots=True)
-class MailingList:
-    name: str
-    address: str  # local@domain, lower-case
-    members: tuple[str, ...]  # inline members
-    members_file: Path | None  # one address a line, re-read when it changes
-    policy: str  # "open" | "members" | "announce"
-    posters: tuple[str, ...]  # who may post to an "announce" list
-    owner: tuple[str, ...]  # gets <name>-owner, <name>-request and <name>-bounces mail
-    bounce_address: str  # envelope sender of list mail (member bounces come back here)
-    list_id: str  # RFC 2919, e.g. "dev.example.test"
-
-    @property
-    def domain(self) -> str:
-        return self.address.rpartition("@")[2]
-
-    @property
-    def request_address(self) -> str:
-        local, _, domain = self.address.rpartition("@")
-        return f"{local}-request@{domain}"
-
-
-@dataclass(frozen=True, slots=True)
-class Masquerade:
-    domains: tuple[str, ...]
-    exceptions: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class FiltersConfig:
-    enabled: bool
-    allow_pipes: frozenset[str]
-    pipe_timeout: float
-
-
-@dataclass(frozen=True, slots=True)
-class QueueConfig:
-    retry: tuple[float, ...]
-    give_up_after: float
-    warn_after: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class DNSConfig:
-    nameservers: tuple[str, ...]
-    timeout: float
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteConfig:
-    port: int
-    tls: str
-    smarthost: str
-    smarthost_username: str
-    smarthost_password: str
-    connect_timeout: float
-    command_timeout: float
-    data_timeout: float
-    max_connections: int
-    max_connections_per_domain: int
-    connection_idle: float
-    cut_through: float
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    level: str
-    file: Path | None
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    path: Path
-    hostname: str
-    server: ServerConfig
-    local: LocalConfig
-    users: Mapping[str, User]
-    aliases: Mapping[str, tuple[str, ...]]
-    virtual: Mapping[str, Mapping[str, tuple[str, ...]]]
-    forward: Mapping[str, Forward]
-    lists: Mapping[str, MailingList]
-    list_addresses: Mapping[str, tuple[MailingList, str]]  # address → (list, "post" | "owner")
-    masquerade: Masquerade
-    filters: FiltersConfig
-    queue: QueueConfig
-    dns: DNSConfig
-    remote: RemoteConfig
-    log: LogConfig
-    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 def parse_duration(value: object, key: str) -> float:
@@ -206,7 +104,7 @@ class _Table:
         self.used.add(name)
         return self.data.get(name, default)
 
-    def str(self, name: str, default: str, choices: tuple[str, ...] = ()) -> str:
+    def string(self, name: str, default: str, choices: tuple[str, ...] = ()) -> str:
         value = self.get(name, default)
         if not isinstance(value, str):
             raise ConfigError(self.key(name), f"expected a string, got {value!r}")
@@ -214,7 +112,7 @@ class _Table:
             raise ConfigError(self.key(name), f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
 
-    def int(self, name: str, default: int, minimum: int = 0) -> int:
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
         value = self.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(self.key(name), f"expected an integer, got {value!r}")
@@ -222,13 +120,13 @@ class _Table:
             raise ConfigError(self.key(name), f"expected an integer >= {minimum}, got {value}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def boolean(self, name: str, default: bool) -> bool:
         value = self.get(name, default)
         if not isinstance(value, bool):
             raise ConfigError(self.key(name), f"expected true or false, got {value!r}")
         return value
 
-    def strs(self, name: str, default: list[str]) -> list[str]:
+    def strings(self, name: str, default: list[str]) -> list[str]:
         value = self.get(name, default)
         if isinstance(value, str):
             value = [value]
@@ -240,7 +138,7 @@ class _Table:
         return parse_duration(self.get(name, default), self.key(name))
 
     def path_(self, name: str, default: str, base: Path) -> Path:
-        return (base / self.str(name, default)).resolve()
+        return (base / self.string(name, default)).resolve()
 
     def table(self, name: str) -> _Table:
         return _Table(self.get(name, {}), self.key(name))
@@ -277,19 +175,19 @@ def _domain(value: str, key: str) -> str:
 
 
 def _server(t: _Table, base: Path) -> ServerConfig:
-    listen = tuple(_listen(v, t.key("listen")) for v in t.strs("listen", ["127.0.0.1:2525"]))
+    listen = tuple(_listen(v, t.key("listen")) for v in t.strings("listen", ["127.0.0.1:2525"]))
     if not listen:
         raise ConfigError(t.key("listen"), "expected at least one address")
     cfg = ServerConfig(
         listen=listen,
         spool_dir=t.path_("spool_dir", "var/spool", base),
-        max_message_size=t.int("max_message_size", 26214400, minimum=1024),
-        max_recipients=t.int("max_recipients", 100, minimum=1),
-        max_connections=t.int("max_connections", 100, minimum=1),
-        max_received_headers=t.int("max_received_headers", 50, minimum=1),
+        max_message_size=t.integer("max_message_size", 26214400, minimum=1024),
+        max_recipients=t.integer("max_recipients", 100, minimum=1),
+        max_connections=t.integer("max_connections", 100, minimum=1),
+        max_received_headers=t.integer("max_received_headers", 50, minimum=1),
         trusted_networks=tuple(
             _network(v, t.key("trusted_networks"))
-            for v in t.strs("trusted_networks", ["127.0.0.0/8", "::1/128"])
+            for v in t.strings("trusted_networks", ["127.0.0.0/8", "::1/128"])
         ),
         timeout=t.duration("timeout", "5m"),
         shutdown_grace=t.duration("shutdown_grace", "10s"),
@@ -299,20 +197,20 @@ def _server(t: _Table, base: Path) -> ServerConfig:
 
 
 def _local(t: _Table, base: Path) -> LocalConfig:
-    domains = [_domain(d, t.key("domains")) for d in t.strs("domains", ["localhost"])]
+    domains = [_domain(d, t.key("domains")) for d in t.strings("domains", ["localhost"])]
     if not domains:
         raise ConfigError(t.key("domains"), "expected at least one domain")
-    delimiter = t.str("recipient_delimiter", "+")
+    delimiter = t.string("recipient_delimiter", "+")
     if any(c.isalnum() or c in "@.\"\\ " for c in delimiter):
         raise ConfigError(t.key("recipient_delimiter"), f"not usable as a delimiter: {delimiter!r}")
     cfg = LocalConfig(
         domains=frozenset(domains),
         primary_domain=domains[0],
-        mailbox_format=t.str("mailbox_format", "maildir", MAILBOX_FORMATS),
+        mailbox_format=t.string("mailbox_format", "maildir", MAILBOX_FORMATS),
         mail_dir=t.path_("mail_dir", "var/mail", base),
         recipient_delimiter=delimiter,
         lock_timeout=t.duration("lock_timeout", "10s"),
-        allow_dot_forward=t.bool("allow_dot_forward", False),
+        allow_dot_forward=t.boolean("allow_dot_forward", False),
     )
     t.finish()
     return cfg
@@ -328,7 +226,7 @@ def _users(t: _Table, local: LocalConfig, base: Path) -> dict[str, User]:
         if name in users:
             raise ConfigError(key, "defined twice (names are case-insensitive)")
         u = t.table(raw)
-        fmt = u.str("mailbox_format", local.mailbox_format, MAILBOX_FORMATS)
+        fmt = u.string("mailbox_format", local.mailbox_format, MAILBOX_FORMATS)
         path = u.get("path", None)
         if path is None:
             resolved = local.mail_dir / name
@@ -350,28 +248,61 @@ def _users(t: _Table, local: LocalConfig, base: Path) -> dict[str, User]:
     return users
 
 
-def _aliases(t: _Table, users: Mapping[str, User]) -> tuple[dict[str, tuple[str, ...]], list[str]]:
-    aliases: dict[str, tuple[str, ...]] = {}
+def _alias_targets(key: str, targets: list[str], names: set[str] | None) -> AliasTargets:
+    """One alias's (or virtual entry's) targets; ``names`` None: checked later, by `_aliases`."""
+    if not targets:
+        raise ConfigError(key, "expected at least one target")
+    specials: list[tuple[str, Refusal | Discard]] = []
+    for target in targets:
+        try:
+            special = parse_special(target, strict=True)
+        except ValueError as exc:
+            raise ConfigError(key, f"{target!r}: {exc}") from None
+        if special is not None:
+            specials.append((target, special))
+        elif target.strip().startswith(":"):
+            raise ConfigError(key, f'{target!r} is not a special target (":fail: text", ":defer: text" '
+                                   'or ":blackhole:")')
+    if specials:
+        if len(targets) > 1:
+            raise ConfigError(key, f"{specials[0][0]!r} must be the only target: a :fail:, :defer: or "
+                                   ":blackhole: answers for the whole address")
+        return specials[0][1]
+    return _check_targets(key, targets, names) if names is not None else tuple(x.strip() for x in targets)
+
+
+def _aliases(t: _Table, users: Mapping[str, User]) -> tuple[dict[str, AliasTargets], list[str]]:
+    aliases: dict[str, AliasTargets] = {}
     for raw in list(t.data):
-        targets = t.strs(raw, [])
-        if not targets:
-            raise ConfigError(t.key(raw), "expected at least one target")
-        aliases[raw.lower()] = tuple(x.strip() for x in targets)
-    for name, targets in aliases.items():
-        for target in targets:
+        aliases[raw.lower()] = _alias_targets(t.key(raw), t.strings(raw, []), None)
+    for name, goals in aliases.items():
+        for target in goals if isinstance(goals, tuple) else ():
             if "@" not in target and target.lower() not in users and target.lower() not in aliases:
                 raise ConfigError(t.key(name), f"target {target!r} is neither a user nor an alias")
-    return aliases, [f"aliases.{name}: alias loop" for name in _alias_loops(aliases, users)]
+    warnings = [f"aliases.{name}: alias loop" for name in _alias_loops(aliases, users)]
+    return aliases, warnings
 
 
-def _alias_loops(aliases: Mapping[str, tuple[str, ...]], users: Mapping[str, User]) -> list[str]:
+def _refusing(key: str, targets: AliasTargets, aliases: Mapping[str, AliasTargets]) -> list[str]:
+    """Warnings for the refusing aliases among ``targets``: they refuse the whole address."""
+    out = []
+    for target in targets if isinstance(targets, tuple) else ():
+        goal = aliases.get(target.lower())
+        if isinstance(goal, Refusal):
+            out.append(f"{key}: target {target!r} refuses its mail ({goal.code} {goal.status}), so this "
+                       f"address is refused as a whole; remove {target!r} to deliver to the others")
+    return out
+
+
+def _alias_loops(aliases: Mapping[str, AliasTargets], users: Mapping[str, User]) -> list[str]:
     """Names whose expansion comes back to itself without reaching a user of that name."""
     looped = []
     for start in aliases:
         stack, seen = [start], set()
         while stack:
             name = stack.pop()
-            for target in aliases.get(name, ()):
+            goals = aliases.get(name, ())
+            for target in goals if isinstance(goals, tuple) else ():
                 t = target.lower()
                 if "@" in t:
                     continue
@@ -392,20 +323,15 @@ def _check_targets(key: str, targets: list[str], names: set[str]) -> tuple[str, 
     return tuple(x.strip() for x in targets)
 
 
-def _virtual(t: _Table, local: LocalConfig, names: set[str]) -> dict[str, dict[str, tuple[str, ...]]]:
-    out: dict[str, dict[str, tuple[str, ...]]] = {}
+def _virtual(t: _Table, local: LocalConfig, names: set[str]) -> dict[str, dict[str, AliasTargets]]:
+    out: dict[str, dict[str, AliasTargets]] = {}
     for raw in list(t.data):
         domain = _domain(raw, t.key(raw))
         if domain in local.domains:
             raise ConfigError(t.key(raw), "a virtual domain must not also be in local.domains")
         table = t.table(raw)
-        entries: dict[str, tuple[str, ...]] = {}
-        for key in list(table.data):
-            targets = table.strs(key, [])
-            if not targets:
-                raise ConfigError(table.key(key), "expected at least one target")
-            entries[key.lower()] = _check_targets(table.key(key), targets, names)
-        out[domain] = entries
+        out[domain] = {key.lower(): _alias_targets(table.key(key), table.strings(key, []), names)
+                       for key in list(table.data)}
     return out
 
 
@@ -419,10 +345,10 @@ def _forward(t: _Table, users: Mapping[str, User], names: set[str]) -> dict[str,
         if isinstance(value, list | str):
             value = {"to": value}
         f = _Table(value, t.key(raw))
-        to = f.strs("to", [])
+        to = f.strings("to", [])
         if not to:
             raise ConfigError(f.key("to"), "expected at least one address")
-        out[name] = Forward(name, _check_targets(f.key("to"), to, names), f.bool("keep_copy", False))
+        out[name] = Forward(name, _check_targets(f.key("to"), to, names), f.boolean("keep_copy", False))
         f.finish()
     return out
 
@@ -433,37 +359,37 @@ def _lists(t: _Table, local: LocalConfig, virtual: Mapping[str, object], names: 
     for raw in list(t.data):
         name = raw.lower()
         lt = t.table(raw)
-        address = lt.str("address", f"{name}@{local.primary_domain}").strip().lower()
+        address = lt.string("address", f"{name}@{local.primary_domain}").strip().lower()
         local_part, at, domain = address.rpartition("@")
         if not at or not local_part or (domain not in local.domains and domain not in virtual):
             raise ConfigError(lt.key("address"), f"expected an address in one of our domains, got {address!r}")
         if local_part in names and domain in local.domains:
             raise ConfigError(lt.key("address"), f"{address!r} is also a user or alias")
-        members_file = lt.str("members_file", "")
-        policy = lt.str("policy", "open", ("open", "members", "announce"))
-        posters = lt.strs("posters", [])
+        members_file = lt.string("members_file", "")
+        policy = lt.string("policy", "open", ("open", "members", "announce"))
+        posters = lt.strings("posters", [])
         if policy == "announce" and not posters:
             raise ConfigError(lt.key("posters"), "an announce list needs at least one poster")
-        bounce = lt.str("bounce_address", f"{local_part}-bounces@{domain}").strip().lower()
+        bounce = lt.string("bounce_address", f"{local_part}-bounces@{domain}").strip().lower()
         out[name] = MailingList(
             name=name,
             address=address,
-            members=_check_targets(lt.key("members"), lt.strs("members", []), names),
+            members=_check_targets(lt.key("members"), lt.strings("members", []), names),
             members_file=(base / members_file).resolve() if members_file else None,
             policy=policy,
             posters=tuple(p.strip().lower() for p in posters),
-            owner=_check_targets(lt.key("owner"), lt.strs("owner", ["postmaster"]) or ["postmaster"],
+            owner=_check_targets(lt.key("owner"), lt.strings("owner", ["postmaster"]) or ["postmaster"],
                                  names | {"postmaster"}),
             bounce_address=bounce,
-            list_id=lt.str("list_id", f"{local_part}.{domain}"),
+            list_id=lt.string("list_id", f"{local_part}.{domain}"),
         )
         lt.finish()
     return out
 
 
 def _masquerade(t: _Table) -> Masquerade:
-    domains = tuple(_domain(d, t.key("domains")) for d in t.strs("domains", []))
-    m = Masquerade(domains, frozenset(e.lower() for e in t.strs("exceptions", [])))
+    domains = tuple(_domain(d, t.key("domains")) for d in t.strings("domains", []))
+    m = Masquerade(domains, frozenset(e.lower() for e in t.strings("exceptions", [])))
     t.finish()
     return m
 
@@ -483,7 +409,7 @@ def _queue(t: _Table) -> QueueConfig:
 
 
 def _dns(t: _Table) -> DNSConfig:
-    servers = t.strs("nameservers", [])
+    servers = t.strings("nameservers", [])
     for ns in servers:
         host = ns[1:].partition("]")[0] if ns.startswith("[") else ns.rpartition(":")[0] if ns.count(":") == 1 else ns
         try:
@@ -496,20 +422,20 @@ def _dns(t: _Table) -> DNSConfig:
 
 
 def _remote(t: _Table) -> RemoteConfig:
-    smarthost = t.str("smarthost", "")
+    smarthost = t.string("smarthost", "")
     if smarthost and not re.fullmatch(r"\[[0-9A-Fa-f:.]+\](:\d+)?|[A-Za-z0-9.\-]+(:\d+)?", smarthost):
         raise ConfigError(t.key("smarthost"), f"expected \"host:port\", got {smarthost!r}")
     cfg = RemoteConfig(
-        port=t.int("port", 25, minimum=1),
-        tls=t.str("tls", "opportunistic", ("opportunistic", "required", "none")),
+        port=t.integer("port", 25, minimum=1),
+        tls=t.string("tls", "opportunistic", ("opportunistic", "required", "none")),
         smarthost=smarthost,
-        smarthost_username=t.str("smarthost_username", ""),
-        smarthost_password=t.str("smarthost_password", ""),
+        smarthost_username=t.string("smarthost_username", ""),
+        smarthost_password=t.string("smarthost_password", ""),
         connect_timeout=t.duration("connect_timeout", "30s"),
         command_timeout=t.duration("command_timeout", "5m"),
         data_timeout=t.duration("data_timeout", "10m"),
-        max_connections=t.int("max_connections", 50, minimum=1),
-        max_connections_per_domain=t.int("max_connections_per_domain", 10, minimum=1),
+        max_connections=t.integer("max_connections", 50, minimum=1),
+        max_connections_per_domain=t.integer("max_connections_per_domain", 10, minimum=1),
         connection_idle=t.duration("connection_idle", "5s"),
         cut_through=t.duration("cut_through", "30s"),
     )
@@ -520,8 +446,8 @@ def _remote(t: _Table) -> RemoteConfig:
 
 
 def _log(t: _Table, base: Path) -> LogConfig:
-    level = t.str("level", "info", ("debug", "info", "warning", "error"))
-    file = t.str("file", "")
+    level = t.string("level", "info", ("debug", "info", "warning", "error"))
+    file = t.string("file", "")
     t.finish()
     return LogConfig(level, (base / file).resolve() if file else None)
 
@@ -530,7 +456,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     """Build a `Config` from an already-decoded TOML table; ``path`` anchors relative paths."""
     base = path.parent
     top = _Table(data, "")
-    hostname = top.str("hostname", socket.gethostname())
+    hostname = top.string("hostname", socket.gethostname())
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.\-]*", hostname):
         raise ConfigError("hostname", f"expected a host name, got {hostname!r}")
     server = _server(top.table("server"), base)
@@ -539,6 +465,11 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     aliases, warnings = _aliases(top.table("aliases"), users)
     names = set(users) | set(aliases)
     virtual = _virtual(top.table("virtual"), local, names)
+    for name, targets in aliases.items():
+        warnings += _refusing(f"aliases.{name}", targets, aliases)
+    for domain, entries in virtual.items():
+        for key, targets in entries.items():
+            warnings += _refusing(f'virtual."{domain}".{key}', targets, aliases)
     forward = _forward(top.table("forward"), users, names)
     lists = _lists(top.table("lists"), local, virtual, names, base)
     list_addresses: dict[str, tuple[MailingList, str]] = {}
@@ -549,7 +480,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             list_addresses.setdefault(address, (lst, role))
     masquerade = _masquerade(top.table("masquerade"))
     ft = top.table("filters")
-    filters = FiltersConfig(ft.bool("enabled", False), frozenset(n.lower() for n in ft.strs("allow_pipes", [])),
+    filters = FiltersConfig(ft.boolean("enabled", False), frozenset(n.lower() for n in ft.strings("allow_pipes", [])),
                             ft.duration("pipe_timeout", "30s"))
     for name in filters.allow_pipes:
         if name not in users:
@@ -597,3 +528,25 @@ def load(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{p}: not valid TOML: {exc}") from None
     return parse(data, p)
+
+
+DEFAULT_CONFIGS = (Path("monomail.toml"), Path("/etc/monomail/monomail.toml"))
+
+
+def config_path(explicit: str | None = None) -> Path:
+    """The config file: ``explicit``, ``$MONOMAIL_CONFIG``, ./monomail.toml, /etc/monomail/."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("MONOMAIL_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_CONFIGS:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError("", "no configuration found: set MONOMAIL_CONFIG, or create ./monomail.toml "
+                          "or /etc/monomail/monomail.toml")
+
+
+def load_config(explicit: str | None = None) -> Config:
+    """`load` the file `config_path` finds."""
+    return load(config_path(explicit))

@@ -16,14 +16,17 @@ Error handling (DESIGN invariant 2): a routing refusal and a remote 5xx are perm
 every local transport error is temporary: a locked mailbox (4.2.0), a full disk
 (4.3.1), a full quota (4.2.2), anything unclassified (4.3.0). When one recipient has
 several destinations, a temporary failure of any of them makes the recipient
-temporary (the delivered ones are remembered and skipped on retry). Causes go to the
-Outcome's ``detail`` for the log, never into the reply.
+temporary (the delivered ones are remembered and skipped on retry). A local error's
+reply comes from ``errors.reply_for`` (the one place that maps an exception to a reply);
+its cause (path, exception text) goes to the Outcome's ``detail`` for the log, never into
+the reply (DESIGN invariant 6). A remote result's reply already names its remote cause
+(host, refusal, timeout, the peer's own words; see ``remote``), and its ``detail`` says
+the same for the log line with the queue id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -32,38 +35,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mailstore
-from .config import Config
 from .envelope import Address, Envelope, Outcome, Spawn, Status
-from .errors import Reply, RouteError
+from .errors import Reply, RouteError, reply_for
 from .message import delivery_headers, header_block
 from .remote import Transport
 from .rewrite import forward_sender, masquerade_address, masquerade_headers
 from .router import Destination, ListPost, Mailbox, Remote, Tables, resolve
+from .settings import Config
 from .userfilter import UserFilters
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")
-MAILBOX_BUSY = Reply(450, "4.2.0", "Mailbox busy, try again later")
-NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
-QUOTA = Reply(452, "4.2.2", "Mailbox full")
-LOCAL_FAILURE = Reply(451, "4.3.0", "Local delivery failed, will retry")
-NO_REMOTE = Reply(451, "4.4.0", "Remote delivery not available, will retry")
+NO_REMOTE = Reply(451, "4.4.0", "Remote delivery is not available here")
 LIST_LOOP = Reply(250, "2.0.0", "Dropped: the message already went through this list")
 LIST_POSTED = Reply(250, "2.0.0", "Posted to the list")
 _LIST_ID = re.compile(rb"^List-Id:[^\n]*<([^>\n]+)>", re.IGNORECASE | re.MULTILINE)
 
 log = logging.getLogger("monomail.deliver")
-
-
-def classify(exc: BaseException) -> Reply:
-    """The reply for a transport error. Nothing here is permanent."""
-    if isinstance(exc, mailstore.MailboxLocked):
-        return MAILBOX_BUSY
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return NO_STORAGE
-        if exc.errno == errno.EDQUOT:
-            return QUOTA
-    return LOCAL_FAILURE
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +120,9 @@ class Deliverer:
         outcomes = []
         for rcpt in recipients:
             if rcpt in refused:
-                exc = refused[rcpt]
-                outcomes.append(Outcome(rcpt, Status.PERMANENT, exc.reply, exc.detail))
+                refusal = refused[rcpt]
+                status = Status.TEMPORARY if refusal.reply.temporary else Status.PERMANENT  # a :defer: alias
+                outcomes.append(Outcome(rcpt, status, refusal.reply, refusal.detail))
                 continue
             dests = routed[rcpt]
             done = tuple(d.key for d in dests if results[d.key].reply.code < 300)
@@ -208,7 +196,7 @@ class Deliverer:
                 chunks[1] = mailstore.mbox_quote(data)
                 await self._mbox(dest.path, (sender, env.received_at, chunks))
         except Exception as exc:  # every local transport error is temporary
-            return [(dest.key, _Result(classify(exc), f"{where}: {type(exc).__name__}: {exc}"))]
+            return [(dest.key, _Result(reply_for(exc), f"{where}: {type(exc).__name__}: {exc}"))]
         return [(dest.key, _Result(DELIVERED, where, spawns=spawns))]
 
     async def _remote(self, domain: str, sender: str, headers: tuple[tuple[str, str], ...], dests: list[Remote],
@@ -224,9 +212,9 @@ class Deliverer:
             results = await self.transport.send(sender, domain, list(by_address), data, env.smtputf8)
         except Exception as exc:  # unclassified: temporary (DESIGN invariant 2)
             log.exception("remote delivery to %s crashed", domain)
-            return [(d.key, _Result(LOCAL_FAILURE, f"remote {domain}: {exc!r}")) for d in dests]
+            return [(d.key, _Result(reply_for(exc), f"remote {domain}: {exc!r}")) for d in dests]
         return [
-            (by_address[r.recipient].key, _Result(r.reply, f"remote {r.host or domain}: {r.reply}", r.host))
+            (by_address[r.recipient].key, _Result(r.reply, f"remote {domain}: {r.detail or r.reply}", r.host))
             for r in results
         ]
 

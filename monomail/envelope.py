@@ -18,7 +18,10 @@ This module imports only ``errors``.
 from __future__ import annotations
 
 import enum
+import itertools
+import os
 import re
+import time
 from dataclasses import dataclass
 
 from .errors import AddressError, Reply
@@ -233,3 +236,12 @@ class Envelope:
     received_at: float
     smtputf8: bool = False
     size: int = 0
+
+
+_seq = itertools.count()
+
+
+def new_id(now: float | None = None) -> str:
+    """A queue id: sortable by time, unique within this host (time, pid, counter)."""
+    t = int((time.time() if now is None else now) * 1_000_000)
+    return f"{t:013x}{os.getpid() & 0xFFFF:04x}{next(_seq) & 0xFFFF:04x}"

@@ -5,8 +5,9 @@ expansions the router made (list, virtual entry, alias, forward rule, user), the
 key each step came from, and each final destination: a local mailbox with its path and
 format, or a remote domain with the hosts it would be sent to (an MX lookup with the
 configured resolver, or the smarthost) and the envelope sender that copy would carry
-(list bounce address, forwarding rewrite, masquerading). Errors are shown in place, and
-the exit code is 2 when any address fails to route.
+(list bounce address, forwarding rewrite, masquerading). Errors are shown in place (an
+alias's own ``:fail:`` or ``:defer:`` reply among them), and the exit code is 2 when
+any address fails to route; a ``:blackhole:`` alias is shown as discarded.
 
 Not here: the routing itself (``router``); sending (``remote``) — only its resolver is
 used, to show MX hosts.
@@ -17,15 +18,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from .config import Config
 from .envelope import Address, parse_path
-from .errors import AddressError
-from .remote import DestinationError, Resolver
+from .errors import AddressError, DestinationError
+from .remote import Resolver
 from .rewrite import forward_sender, masquerade_address
-from .router import Mailbox, Node, Remote, Tables, expand
+from .router import Destination, Mailbox, Node, Remote, Tables, expand
+from .settings import Config
 
 
-def _sender_for(dest: Mailbox | Remote, sender: str | None, config: Config) -> str | None:
+def _sender_for(dest: Destination, sender: str | None, config: Config) -> str | None:
     if sender is None:
         return None
     out = sender if dest.via.sender is None else dest.via.sender
@@ -63,11 +64,11 @@ async def _render(node: Node, depth: int, out: list[str], config: Config, sender
     if node.error:
         out.append(f"{pad}{node.address}: {node.rule}{key}: FAILS {node.error.reply} ({node.error.detail})")
     elif isinstance(node.dest, Mailbox):
-        d = node.dest
-        out.append(f"{pad}{node.address}: {node.rule}{key} -> {d.format} {d.path}")
+        box = node.dest
+        out.append(f"{pad}{node.address}: {node.rule}{key} -> {box.format} {box.path}")
     elif isinstance(node.dest, Remote):
-        d = node.dest
-        out.append(f"{pad}{node.address}: remote {d.domain} -> {await _hosts(d.domain, config, resolver, cache)}")
+        domain = node.dest.domain
+        out.append(f"{pad}{node.address}: remote {domain} -> {await _hosts(domain, config, resolver, cache)}")
     else:
         out.append(f"{pad}{node.address}: {node.rule}{key}")
     if node.dest is not None:

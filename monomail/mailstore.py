@@ -2,62 +2,77 @@
 
 Job: put one message into one mailbox, all in one call (open, write, fsync, rename or
 unlock), so the caller makes exactly one trip to a worker thread per message per
-mailbox. Blocking; callers run it off the event loop.
+mailbox; and clear out what a killed Maildir writer left (`clean_maildir_tmp`).
+Blocking; callers run it off the event loop.
 
 Maildir (https://cr.yp.to/proto/maildir.html): a unique name, written to ``tmp/``,
 fsync'd, renamed into ``new/``, and ``new/`` fsync'd so the rename survives a crash. A
-crash leaves at most a file in ``tmp/``, which readers never show.
+crash leaves at most a file in ``tmp/``, which readers never show and which
+`clean_maildir_tmp` removes once it is 36 hours old, as the Maildir spec says.
 
 mbox (as /var/spool/mail, mboxrd quoting): a ``From `` line, every ``>*From `` line in
-the message quoted with one more ``>``, a blank line after the message. Locking as
-Postfix's local(8) and procmail do it: an fcntl lock on the file *and* a ``<mbox>.lock``
-dot-lock, both with a bounded wait. Threads of this process are serialised by an
-in-process lock first (POSIX fcntl locks do not exclude threads of one process). On
-any error the file is truncated back to its old length. Against ``kill -9`` mid-write,
-the dot-lock holds the old length (``monomail <size>``): whoever next takes the fcntl
-lock and finds such a dot-lock knows its writer died (a live writer would still hold
-the fcntl lock) and truncates the half-written tail away (`recover_mbox`).
+the message quoted with one more ``>``, a blank line after the message, written under
+``mboxlock``'s locks (fcntl and dot-lock; a dead writer's half-written tail is cut away
+when the locks are taken). On any error the file is cut back to its old length.
+
+Permissions never depend on the umask: folders this module creates are 0700, files 0600
+(``safeio.make_dirs``, ``fchmod``); existing ones keep theirs.
 
 Messages are stored with LF line endings, as every Unix mail reader expects.
-Not here: which mailbox (``router``), the headers to add (``deliver``).
+Not here: which mailbox (``router``), the headers to add (``deliver``), the locking
+itself (``mboxlock``; `locked_mbox`, `write_dotlock` and `recover_mbox` are re-exported
+here for the modules that use them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import itertools
 import os
 import re
 import socket
+import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
+from . import safeio
 from .errors import MailboxLocked
+from .mboxlock import STALE_FOREIGN_LOCK, locked_mbox, recover_mbox, write_dotlock
 
+__all__ = [
+    "MAILDIR_TMP_MAX_AGE",
+    "STALE_FOREIGN_LOCK",
+    "MailboxLocked",
+    "MboxItem",
+    "clean_maildir_tmp",
+    "deliver_maildir",
+    "deliver_mbox",
+    "ensure_maildir",
+    "from_line",
+    "locked_mbox",
+    "mbox_quote",
+    "recover_mbox",
+    "write_dotlock",
+]
+
+MAILDIR_TMP_MAX_AGE = 36 * 3600.0  # seconds: the Maildir spec's age for abandoned tmp/ files
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _counter = itertools.count()
 _made_dirs: set[Path] = set()
-_path_locks: dict[Path, threading.Lock] = {}
-_path_locks_guard = threading.Lock()
-_PID = os.getpid()
+_pid = os.getpid()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-STALE_FOREIGN_LOCK = 600.0  # seconds: a dot-lock of another program this old is broken
 
 
-def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
-    views = [memoryview(c) for c in chunks if c]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+    _made_dirs.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class _DirSync:
@@ -106,10 +121,11 @@ def _dir_sync(path: str) -> _DirSync:
 
 
 def ensure_maildir(folder: Path) -> None:
+    """Make ``folder`` a Maildir (``tmp``, ``new``, ``cur``); what it creates is 0700."""
     if folder in _made_dirs:
         return
     for sub in ("tmp", "new", "cur"):
-        (folder / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        safeio.make_dirs(folder / sub)
     _made_dirs.add(folder)
 
 
@@ -118,13 +134,20 @@ def deliver_maildir(folder: Path, chunks: Sequence[bytes]) -> str:
     ensure_maildir(folder)
     size = sum(len(c) for c in chunks)
     now = time.time()
-    name = f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{_PID}Q{next(_counter)}.{_HOST},S={size}"
+    name = f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{_pid}Q{next(_counter)}.{_HOST},S={size}"
     base = os.fspath(folder)
     tmp = f"{base}/tmp/{name}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileNotFoundError:  # removed since it was made: make it again
+        _made_dirs.discard(folder)
+        ensure_maildir(folder)
+        fd = os.open(tmp, flags, 0o600)
     try:
         try:
-            _write_all(fd, chunks)
+            os.fchmod(fd, 0o600)  # the umask may have taken bits away
+            safeio.write_all(fd, chunks)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -137,12 +160,45 @@ def deliver_maildir(folder: Path, chunks: Sequence[bytes]) -> str:
     return name
 
 
-def _thread_lock(path: Path) -> threading.Lock:
-    with _path_locks_guard:
-        lock = _path_locks.get(path)
-        if lock is None:
-            lock = _path_locks[path] = threading.Lock()
-        return lock
+def clean_maildir_tmp(folder: Path, older_than: float = MAILDIR_TMP_MAX_AGE) -> int:
+    """Remove files in ``folder/tmp`` not accessed or modified for ``older_than`` seconds
+    (what a killed writer left); returns how many were removed.
+
+    Never follows a symbolic link (``folder`` or ``tmp`` being one, or an entry in
+    ``tmp``: left alone) and removes only regular files. A missing folder is no error.
+    """
+    cutoff = time.time() - older_than
+    nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        top = os.open(folder, nofollow)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return 0
+        raise
+    try:
+        try:
+            tmp = os.open("tmp", nofollow, dir_fd=top)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return 0
+            raise
+    finally:
+        os.close(top)
+    removed = 0
+    try:
+        with os.scandir(tmp) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode) or max(st.st_atime, st.st_mtime) >= cutoff:
+                        continue
+                    os.unlink(entry.name, dir_fd=tmp)
+                except FileNotFoundError:
+                    continue
+                removed += 1
+    finally:
+        os.close(tmp)
+    return removed
 
 
 def mbox_quote(data: bytes) -> bytes:
@@ -157,78 +213,6 @@ def from_line(sender: str, when: float) -> bytes:
     return f"From {who} {time.asctime(time.localtime(when))}\n".encode("utf-8", "surrogateescape")
 
 
-@contextmanager
-def _locked_mbox(path: Path, timeout: float) -> Iterator[int]:
-    """Open ``path`` for appending with the thread, fcntl and dot-lock held.
-
-    Yields the fd; on entry any half-written tail left by a dead monomail writer has
-    been truncated away. The dot-lock records the file's length for the next one.
-    """
-    deadline = time.monotonic() + timeout
-    thread_lock = _thread_lock(path)
-    if not thread_lock.acquire(timeout=max(timeout, 0.001)):
-        raise MailboxLocked(f"{path}: busy in this process")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        dotlock = path.with_name(path.name + ".lock")
-        delay = 0.005
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            else:
-                if _take_dotlock(fd, dotlock):
-                    try:
-                        yield fd
-                    finally:
-                        with contextlib.suppress(OSError):
-                            os.unlink(dotlock)
-                        os.close(fd)  # releases the fcntl lock
-                    return
-                os.close(fd)
-            if time.monotonic() >= deadline:
-                raise MailboxLocked(f"{path}: locked by another program")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.25)
-    finally:
-        thread_lock.release()
-
-
-def _take_dotlock(fd: int, dotlock: Path) -> bool:
-    """With the fcntl lock held: create the dot-lock, or recover a dead writer's."""
-    try:
-        lfd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        try:
-            content = dotlock.read_bytes()
-            age = time.time() - dotlock.stat().st_mtime
-        except FileNotFoundError:
-            return False  # gone meanwhile: try again
-        m = re.fullmatch(rb"monomail (\d+)\n", content)
-        if m:
-            # Ours, and we hold the fcntl lock, so its writer is dead: undo its tail.
-            old = int(m.group(1))
-            if os.fstat(fd).st_size > old:
-                os.ftruncate(fd, old)
-                os.fsync(fd)
-        elif age > STALE_FOREIGN_LOCK:
-            with contextlib.suppress(OSError):
-                os.unlink(dotlock)
-            return False
-        else:
-            return False
-        lfd = os.open(dotlock, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-    try:
-        os.write(lfd, b"monomail %d\n" % os.fstat(fd).st_size)
-    finally:
-        os.close(lfd)
-    return True
-
-
 MboxItem = tuple[str, float, Sequence[bytes]]  # (envelope sender, arrival time, chunks)
 
 
@@ -238,7 +222,7 @@ def deliver_mbox(path: Path, items: Sequence[MboxItem], lock_timeout: float) -> 
     Each item's chunks are already mboxrd-quoted with LF endings. All or nothing: on
     any error the file is cut back to its old length.
     """
-    with _locked_mbox(path, lock_timeout) as fd:
+    with locked_mbox(path, lock_timeout) as fd:
         size = os.fstat(fd).st_size
         out: list[bytes] = []
         if size:
@@ -250,16 +234,9 @@ def deliver_mbox(path: Path, items: Sequence[MboxItem], lock_timeout: float) -> 
             last = next((c for c in reversed(chunks) if c), b"\n")
             out.append(b"\n" if last.endswith(b"\n") else b"\n\n")
         try:
-            _write_all(fd, out)
+            safeio.write_all(fd, out)
             os.fsync(fd)
         except BaseException:
             os.ftruncate(fd, size)
             os.fsync(fd)
             raise
-
-
-def recover_mbox(path: Path, lock_timeout: float = 1.0) -> None:
-    """Truncate a half-written tail left by a monomail writer that died (start-up)."""
-    if path.with_name(path.name + ".lock").exists() and path.exists():
-        with _locked_mbox(path, lock_timeout):
-            pass

@@ -3,12 +3,18 @@
 Job: replace part of a locked mbox file (``monomail mail`` applying deletions and read
 marks) so that neither a crash at any instant nor a delivery racing the rewrite loses
 a message, and finish a rewrite a crash interrupted (`finish_interrupted_rewrite`,
-also run at server start-up). The locks are ``mailstore``'s; the reader decides what
-the new content is. Blocking.
+also run at server start-up). Not here: the locks (``mailstore``), what the new
+content is (the reader decides), parsing messages. Follows mbox(5) (mboxrd) and the
+locking of Postfix's local(8). Blocking; callers run it off the event loop.
+
+The API: `open_locked` locks an mbox for rewriting and yields a `LockedMbox` (read
+it, `LockedMbox.replace_from` it); `no_interrupts` is the signal guard it holds, for
+other writers of a mailbox (the reader's Maildir changes); `read_journal` shows an
+interrupted rewrite's journal; `fault` is the crash tests' seam.
 
 The rewrite runs under the very locks monomail's delivery takes (``mailstore``'s
 in-process lock, fcntl lock and ``<mbox>.lock`` dot-lock, via
-``mailstore._locked_mbox``), so no delivery can interleave with it. Under them the
+``mailstore.locked_mbox``), so no delivery can interleave with it. Under them the
 file is read again: the bytes loaded when the session began must still be its prefix,
 or the reader stops with a clear message and changes nothing (another reader rewrote
 it). Bytes past that prefix are mail that arrived during the session; they are kept
@@ -28,8 +34,8 @@ kept honest:
    includes the mail that arrived meanwhile) is written to ``<mbox>.monomail-rewrite``
    (temp file, fsync, rename, fsync folder) with ``start`` (where REGION goes) and
    ``boundary`` = the current size: "mail past ``boundary`` arrived after the crash".
-2. Growing (status fields added): the dot-lock's record is set to the new size (a new
-   dot-lock file renamed over the held one: the lock never lapses), the file is
+2. Growing (status fields added): the dot-lock's record is set to the new size
+   (``mailstore.write_dotlock``, the one writer of that record), the file is
    extended with newlines to that size, fsync, the journal's boundary moves to the new
    size, then REGION is written and fsync'd.
    Shrinking (deletions): REGION is written and the rest up to the old size filled
@@ -53,31 +59,34 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import re
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import mailstore
+from .errors import RewriteError
+from .safeio import TMP_PREFIX, fsync_dir, write_file
 
 DEFAULT_LOCK_TIMEOUT = 10.0
 JOURNAL_SUFFIX = ".monomail-rewrite"
 _JOURNAL_HEADER = re.compile(rb"monomail-rewrite start=(\d+) boundary=(\d+) length=(\d+)\n")
 
-_fault: Callable[[str], None] | None = None  # tests: called at each step (to kill the process there)
-
-
-class RewriteError(Exception):
-    """Something the user is told in one line (no traceback)."""
+fault: Callable[[str], None] | None = None
+"""Fault-injection seam for the crash tests: called with the name of each step of a
+rewrite as it completes ("journal", "dotlock", "padded", "boundary", "written",
+"truncated", "done"), e.g. to kill the process there. None in normal use."""
 
 
 # --------------------------------------------------------------------------- low-level I/O
 
 
 def _step(name: str) -> None:
-    if _fault is not None:
-        _fault(name)
+    if fault is not None:
+        fault(name)
 
 
 def _pread_all(fd: int, size: int, offset: int) -> bytes:
@@ -100,29 +109,9 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        _pwrite_all(fd, data, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, target)
-    _fsync_dir(target.parent)
-
-
 @contextlib.contextmanager
-def _no_interrupts() -> Iterator[None]:
-    """Ignore Ctrl-C and Ctrl-Z while the mailbox is locked or being written: the work is
+def no_interrupts() -> Iterator[None]:
+    """Ignore Ctrl-C and Ctrl-Z while a mailbox is locked or being written: the work is
     short, and a stopped reader would hold up deliveries. (A kill is still safe.)"""
     try:
         old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTSTP)}
@@ -149,23 +138,42 @@ def journal_path(mbox: Path) -> Path:
     return mbox.with_name(mbox.name + JOURNAL_SUFFIX)
 
 
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """An interrupted rewrite: the file is to become ``file[:start] + region`` followed
+    by the mail past ``boundary`` (which arrived after the crash)."""
+
+    start: int
+    boundary: int
+    region: bytes
+
+
 def _write_journal(mbox: Path, start: int, boundary: int, region: bytes) -> None:
     header = b"monomail-rewrite start=%d boundary=%d length=%d\n" % (start, boundary, len(region))
-    _atomic_write(journal_path(mbox), header + region)
+    write_file(journal_path(mbox), [header, region], mode=0o600)
 
 
-def _read_journal(mbox: Path) -> tuple[int, int, bytes]:
+def read_journal(mbox: Path) -> Journal:
+    """The journal of an interrupted rewrite of ``mbox`` (``OSError`` if there is none)."""
     path = journal_path(mbox)
     data = path.read_bytes()
     m = _JOURNAL_HEADER.match(data)
     if not m or len(data) - m.end() != int(m.group(3)):
         raise RewriteError(f"{path}: not a monomail rewrite journal; left as it is, {mbox} not touched")
-    return int(m.group(1)), int(m.group(2)), data[m.end():]
+    return Journal(int(m.group(1)), int(m.group(2)), data[m.end():])
+
+
+def _remove_stale_temps(mbox: Path) -> None:
+    """Remove a journal's temporary file left by a crash mid-write (locks held: only the
+    holder writes the journal, so any such file is a dead writer's)."""
+    for stale in mbox.parent.glob(f"{TMP_PREFIX}{glob.escape(journal_path(mbox).name)}.*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def _set_dotlock(mbox: Path, size: int) -> None:
-    """Update the held dot-lock's record (see ``mailstore._take_dotlock``), atomically."""
-    _atomic_write(mbox.with_name(mbox.name + ".lock"), b"monomail %d\n" % size)
+    """Update the held dot-lock's record (the one format: ``mailstore.write_dotlock``)."""
+    mailstore.write_dotlock(mbox.with_name(mbox.name + ".lock"), size)
 
 
 def _join(before: bytes, rebuilt: bytes, tail: bytes) -> bytes:
@@ -208,29 +216,86 @@ def _journaled_rewrite(fd: int, mbox: Path, start: int, region: bytes, size: int
         os.fsync(fd)
         _step("truncated")
     os.unlink(journal_path(mbox))
-    _fsync_dir(mbox.parent)
+    fsync_dir(mbox.parent)
     _step("done")
+
+
+def _replace_from(fd: int, mbox: Path, start: int, rebuilt: bytes, keep_from: int) -> None:
+    """``file[:start] + rebuilt`` + the mail from ``keep_from`` on, journalled (locks held)."""
+    size = os.fstat(fd).st_size
+    if not start <= keep_from <= size:
+        raise RewriteError(f"{mbox}: cannot rewrite from {start} keeping {keep_from} of {size} bytes")
+    later = _pread_all(fd, size - keep_from, keep_from)
+    before = _pread_all(fd, min(2, start), start - min(2, start))
+    _journaled_rewrite(fd, mbox, start, _join(before, rebuilt, later), size)
 
 
 def _replay(fd: int, mbox: Path) -> None:
     """Finish an interrupted rewrite (locks held)."""
-    start, boundary, region = _read_journal(mbox)
+    journal = read_journal(mbox)
     size = os.fstat(fd).st_size
-    if not start <= boundary <= size:
+    if not journal.start <= journal.boundary <= size:
         raise RewriteError(f"{journal_path(mbox)}: does not fit {mbox} ({size} bytes); "
-                          "left as it is for inspection")
-    later = _pread_all(fd, size - boundary, boundary)
-    before = _pread_all(fd, min(2, start), start - min(2, start))
-    _journaled_rewrite(fd, mbox, start, _join(before, region, later), size)
+                           "left as it is for inspection")
+    _replace_from(fd, mbox, journal.start, journal.region, journal.boundary)
+
+
+# --------------------------------------------------------------------------- the API
+
+
+class LockedMbox:
+    """An mbox held under every lock monomail's delivery takes, ready to be rewritten.
+
+    ``recovered``: an interrupted rewrite was finished on opening. ``interrupted``: one
+    was found and left alone (``open_locked(..., finish_interrupted=False)``); then
+    `replace_from` refuses.
+    """
+
+    def __init__(self, path: Path, fd: int, *, recovered: bool, interrupted: bool) -> None:
+        self.path = path
+        self._fd = fd
+        self.recovered = recovered
+        self.interrupted = interrupted
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def read(self, size: int, offset: int = 0) -> bytes:
+        """Up to ``size`` bytes from ``offset`` (fewer only at the end of the file)."""
+        return _pread_all(self._fd, size, offset)
+
+    def replace_from(self, start: int, rebuilt: bytes, keep_from: int) -> None:
+        """Make the file ``file[:start] + rebuilt`` followed by its bytes from ``keep_from``
+        on (mail that arrived meanwhile; blank lines in front of it are normalised to one).
+
+        Journalled and crash-safe: a crash at any instant loses no message, and the next
+        `open_locked` (or `finish_interrupted_rewrite`) completes the rewrite.
+        """
+        if self.interrupted:
+            raise RewriteError(f"{self.path}: an interrupted rewrite must be finished first")
+        _replace_from(self._fd, self.path, start, rebuilt, keep_from)
+
+
+@contextlib.contextmanager
+def open_locked(mbox: Path, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, *,
+                finish_interrupted: bool = True) -> Iterator[LockedMbox]:
+    """Lock ``mbox`` as delivery does (``mailstore.locked_mbox``; ``MailboxLocked`` after
+    ``lock_timeout``), with Ctrl-C and Ctrl-Z ignored while it is held. An interrupted
+    rewrite found there is finished first, or with ``finish_interrupted=False`` only
+    reported (``LockedMbox.interrupted``)."""
+    with no_interrupts(), mailstore.locked_mbox(mbox, lock_timeout) as fd:
+        _no_append(fd)
+        _remove_stale_temps(mbox)
+        found = journal_path(mbox).exists()
+        if found and finish_interrupted:
+            _replay(fd, mbox)
+        yield LockedMbox(mbox, fd, recovered=found and finish_interrupted,
+                         interrupted=found and not finish_interrupted)
 
 
 def finish_interrupted_rewrite(mbox: Path, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> bool:
     """If a reader died rewriting ``mbox``, finish its rewrite now; True if there was one."""
     if not journal_path(mbox).exists():
         return False
-    with _no_interrupts(), mailstore._locked_mbox(mbox, lock_timeout) as fd:
-        _no_append(fd)
-        if not journal_path(mbox).exists():
-            return False
-        _replay(fd, mbox)
-        return True
+    with open_locked(mbox, lock_timeout) as box:
+        return box.recovered

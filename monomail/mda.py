@@ -48,9 +48,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 from . import maillog
-from .config import Config
 from .envelope import Address, Envelope, Outcome, Status, parse_path
 from .errors import ConfigError, ReplyError, SpoolError
+from .settings import Config
 from .sysexits import EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Failure, fail, setup_logging
 
 PROG = "monomail deliver"
@@ -181,8 +181,8 @@ async def _attempt(config: Config, env: Envelope, data: bytes) -> list[Outcome]:
 def _journal_spawned(config: Config, env: Envelope, data: bytes, outcomes: Sequence[Outcome]) -> int:
     """Write the new messages deliveries made to the spool, as the queue would. Returns
     how many; raises `SpoolError`."""
-    from .queue import new_id, new_record
-    from .spool import Spool
+    from .envelope import new_id
+    from .spool import Spool, new_record
 
     spool = Spool(config.server.spool_dir)
     count = 0
@@ -208,7 +208,7 @@ def deliver(config: Config, user: str, sender: str | None, address: str | None, 
     rcpt = recipient(user, address, config)
     env_sender = sender_of(sender, from_line)
     now = time.time()
-    from .queue import new_id
+    from .envelope import new_id
 
     env = Envelope(new_id(now), env_sender, (rcpt,), now,
                    smtputf8=not (env_sender.isascii() and rcpt.isascii()), size=len(data))
@@ -220,7 +220,7 @@ def deliver(config: Config, user: str, sender: str | None, address: str | None, 
     if any(o.spawned for o in outcomes if o.status is Status.DELIVERED):
         try:
             if _journal_spawned(config, env, data, outcomes):
-                from .submit import notify_server
+                from .control import notify_server
 
                 notify_server(config)
         except SpoolError as exc:
@@ -240,7 +240,7 @@ def deliver(config: Config, user: str, sender: str | None, address: str | None, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``monomail deliver -u USER [-f SENDER] [-a ADDRESS] [-c FILE] [-v]``; a sysexits code."""
-    from .submit import load_config
+    from .config import load_config
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

@@ -9,6 +9,7 @@ Job: pure functions over raw message bytes.
   (RFC 5322 §2.1.1) raises `ReplyError` with a 5xx.
 - `received_header` builds our ``Received:`` field (RFC 5321 §4.4); client-supplied
   words (the HELO name) are reduced to a safe alphabet before they reach a header.
+- `split_header` is the one header-section splitter (``header_fields`` lists its fields).
 - `count_received` feeds the loop guard (RFC 5321 §6.3).
 - `delivery_headers` gives ``Return-Path`` (RFC 5321 §4.4) and ``Delivered-To`` for a
   final delivery.
@@ -48,12 +49,43 @@ def canonicalize(content: bytes) -> bytes:
     return data
 
 
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 §2.2 field name, then ":"
+
+
+def split_header(data: bytes) -> tuple[bytes, bytes]:
+    """(header section, body) of an LF-ended message: the one header-section splitter.
+
+    The header section is every field with its continuation lines, each ending in LF. It
+    ends at the first empty line, which belongs to neither part, or at the first line that
+    is neither a field nor a continuation, which starts the body (RFC 5322 §2.1, §2.2.3).
+    """
+    pos, size = 0, len(data)
+    while pos < size:
+        end = data.find(b"\n", pos)
+        stop = size if end < 0 else end + 1
+        if stop - pos == 1 and data[pos] == 0x0A:  # the empty line
+            return data[:pos], data[stop:]
+        first = data[pos : pos + 1]
+        if not (first in (b" ", b"\t") and pos > 0) and not _FIELD.match(data, pos, stop):
+            break
+        pos = stop
+    return data[:pos], data[pos:]
+
+
+def header_fields(section: bytes) -> list[bytes]:
+    """The fields of a header section (from `split_header`), each with its continuation lines."""
+    fields: list[bytes] = []
+    for line in section.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields
+
+
 def header_block(data: bytes) -> bytes:
-    """The header section of an LF-ended message (up to the first empty line)."""
-    if data.startswith(b"\n"):
-        return b""
-    end = data.find(b"\n\n")
-    return data if end < 0 else data[: end + 1]
+    """The header section of an LF-ended message (`split_header`'s first part)."""
+    return split_header(data)[0]
 
 
 def count_received(data: bytes) -> int:

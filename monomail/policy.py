@@ -6,7 +6,8 @@ relay control as Postfix's ``reject_unauth_destination``.
 
 - `is_trusted`: is the client address inside ``server.trusted_networks``?
 - `check_recipient`: route the address; refuse unknown users (550 5.1.1), loops (550
-  5.4.6), and any domain not ours unless the client is trusted (554 5.7.1). Source
+  5.4.6), an alias's own ``:fail:`` / ``:defer:`` refusal with its code and text (550 /
+  450), and any domain not ours unless the client is trusted (554 5.7.1). Source
   routes are ignored (the final mailbox decides), so ``<@us:x@other>`` is a relay
   attempt like any other.
 
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 import ipaddress
 
-from .config import Config
 from .envelope import Address
 from .errors import RouteError
 from .router import RELAY_DENIED, Destination, Tables, is_our_domain, resolve
+from .settings import Config
 
 
 def is_trusted(peer_ip: str, config: Config) -> bool:

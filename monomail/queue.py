@@ -40,20 +40,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from . import maillog
-from .config import QueueConfig
 from .dsn import RecipientReport, build_report
-from .envelope import Envelope, Outcome, Status
+from .envelope import Envelope, Outcome, Status, new_id
 from .errors import LOCAL_ERROR, Reply, SpoolError
 from .schedule import expired, next_attempt
-from .spool import Record, Spool
+from .settings import QueueConfig
+from .spool import Record, Spool, new_record
 
 log = logging.getLogger("monomail.queue")
 
@@ -62,30 +60,6 @@ DeliverFn = Callable[
     Awaitable[list[Outcome]],
 ]
 Clock = Callable[[], float]
-
-_seq = itertools.count()
-
-
-def new_id(now: float | None = None) -> str:
-    """A queue id: sortable by time, unique within this host (time, pid, counter)."""
-    t = int((time.time() if now is None else now) * 1_000_000)
-    return f"{t:013x}{os.getpid() & 0xFFFF:04x}{next(_seq) & 0xFFFF:04x}"
-
-
-def new_record(env: Envelope, now: float) -> Record:
-    """A spool record with every recipient pending, due ``now``."""
-    return {
-        "id": env.id,
-        "sender": env.sender,
-        "received_at": env.received_at,
-        "smtputf8": env.smtputf8,
-        "size": env.size,
-        "hold": False,
-        "warned": False,
-        "recipients": [{"address": r, "state": "pending", "attempts": 0, "next_attempt": now, "finished": []}
-                       for r in env.recipients],
-    }
-
 
 def apply_outcome(rcpt: dict[str, Any], o: Outcome, now: float, retry: Sequence[float]) -> None:
     rcpt["attempts"] = rcpt.get("attempts", 0) + 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from .config import Config, Masquerade
+from .settings import Config, Masquerade
 
 _FROM_SENDER = re.compile(rb"^(From|Sender):[^\n]*(?:\n[ \t][^\n]*)*\n", re.IGNORECASE | re.MULTILINE)
 _ADDR = re.compile(rb"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+)@([A-Za-z0-9.\-]+)")

@@ -27,6 +27,12 @@ likewise. Any other cycle is a loop (550 5.4.6). A list's members inherit the li
 envelope sender (its bounce address) and List-* headers (RFC 2369/2919); a forward's
 remote targets are marked so delivery can rewrite an unsafe envelope sender.
 
+An alias or virtual entry may answer instead of delivering (``config`` reads the
+spelling): a `Refusal` (``:fail:`` / ``:defer:``) fails the address with its own reply,
+``550 5.1.1 This user has left`` or a 4xx, and so does every address whose expansion
+reaches it outside a list; a `Discard` (``:blackhole:``) is a node with no destination,
+so the address is accepted and delivered nowhere.
+
 Security stance (DESIGN invariants 3 and 4): a local part is only ever a key into the
 configured tables; paths come from config. A local part that carries another address
 (``%``, ``!``, ``@`` inside quotes) is refused as a relay attempt, whoever asks.
@@ -39,9 +45,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from .config import Config, MailingList, User
 from .envelope import Address
 from .errors import Reply, RouteError
+from .settings import Config, Discard, MailingList, Refusal, User
 
 MAX_DEPTH = 20
 
@@ -254,8 +260,12 @@ class _Router:
         for name in [*_candidates(a.local.lower(), self.c.local.recipient_delimiter), "*"]:
             if name in table:
                 key = f'virtual."{domain}".' + (f'"{name}"' if name == "*" else name)
-                node = Node(shown, f"virtual {domain} {'catch-all' if name == '*' else name}", key)
-                for target in table[name]:
+                rule = f"virtual {domain} {'catch-all' if name == '*' else name}"
+                targets = table[name]
+                if not isinstance(targets, tuple):
+                    return self.special(targets, shown, rule, key)
+                node = Node(shown, rule, key)
+                for target in targets:
                     node.children.append(self.target(target, via, chain, depth + 1))
                 return node
         if a.local.lower() == "postmaster":
@@ -279,8 +289,11 @@ class _Router:
                         return self.user(name, shown, via, chain, depth)
                     return Node(shown, f"alias {name}", key,
                                 error=RouteError(ALIAS_LOOP, f"alias loop: {' -> '.join((*chain, key))}"))
+                targets = self.c.aliases[name]
+                if not isinstance(targets, tuple):
+                    return self.special(targets, shown, f"alias {name}", key)
                 node = Node(shown, f"alias {name}", key)
-                for target in self.c.aliases[name]:
+                for target in targets:
                     child_chain = (*chain, key)
                     if target.lower() == name and name in self.c.users:  # alice = ["alice", ...]
                         node.children.append(self.mailbox(name, shown, via))
@@ -295,6 +308,14 @@ class _Router:
             node.children.append(self.user(first, f"{first}@{self.c.local.primary_domain}", via, chain, depth + 1))
             return node
         return Node(shown, "unknown", error=RouteError(UNKNOWN_USER, f"unknown local user {shown}"))
+
+    def special(self, special: Refusal | Discard, shown: str, rule: str, key: str) -> Node:
+        """An alias or virtual entry that answers instead of delivering."""
+        if isinstance(special, Discard):
+            return Node(shown, f"{rule}: discarded (:blackhole:)", key)
+        kind = ":defer:" if special.temporary else ":fail:"
+        reply = Reply(special.code, special.status, special.text)
+        return Node(shown, f"{rule} ({kind})", key, error=RouteError(reply, f"{key} refuses {shown} ({kind})"))
 
     def user(self, name: str, shown: str, via: Via, chain: tuple[str, ...], depth: int) -> Node:
         key = f"forward.{name}"

@@ -14,12 +14,14 @@ temporary file is removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 TMP_PREFIX = ".tmp."  # readers of a folder skip names that start with this
+Chunk = bytes | bytearray | memoryview
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -31,7 +33,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, chunks: Sequence[bytes]) -> None:
+def write_all(fd: int, chunks: Sequence[Chunk]) -> None:
     """Write every byte of ``chunks`` (``writev``, resuming after short writes)."""
     views = [memoryview(c) for c in chunks if c]
     while views:
@@ -48,12 +50,12 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
 
 
-def write_file(path: Path, data: bytes | Sequence[bytes], *, mode: int = 0o600, sync_dir: bool = True) -> None:
+def write_file(path: Path, data: Chunk | Sequence[Chunk], *, mode: int = 0o600, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically and durably (temp, fsync, rename, fsync dir).
 
     ``sync_dir=False`` leaves the folder's fsync to the caller (one for several files).
     """
-    chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+    chunks: list[Chunk] = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
@@ -73,15 +75,21 @@ def write_file(path: Path, data: bytes | Sequence[bytes], *, mode: int = 0o600, 
 
 
 def make_dirs(path: Path, mode: int = 0o700) -> None:
-    """``mkdir -p`` with ``mode`` on every folder it creates, whatever the umask."""
+    """``mkdir -p`` with ``mode`` on every folder it creates, whatever the umask; folders
+    that exist keep their mode. Raises ``NotADirectoryError`` if something that is not
+    a folder is in the way."""
     missing = []
     p = path
-    while not p.exists():
+    while not p.is_dir():
         missing.append(p)
         if p.parent == p:
             break
         p = p.parent
     for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(folder, mode)
-            os.chmod(folder, mode)
+        except FileExistsError:
+            if not folder.is_dir():  # a file, or a link to nowhere
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder)) from None
+            continue  # made meanwhile by someone else
+        os.chmod(folder, mode)  # mkdir's mode was masked by the umask

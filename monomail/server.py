@@ -40,8 +40,7 @@ from aiosmtpd.smtp import SMTP, syntax
 from aiosmtpd.smtp import Envelope as _AioEnvelope
 
 from . import maillog, policy
-from .config import Config
-from .envelope import Address, Envelope, parse_path
+from .envelope import Address, Envelope, new_id, parse_path
 from .errors import (
     LOCAL_ERROR,
     MESSAGE_TOO_BIG,
@@ -56,8 +55,9 @@ from .errors import (
 )
 from .message import LINE_TOO_LONG as DATA_LINE_TOO_LONG
 from .message import LOOP, canonicalize, count_received, received_header
-from .queue import Queue, new_id
+from .queue import Queue
 from .router import Tables
+from .settings import Config
 
 log = logging.getLogger("monomail.smtp")
 logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO

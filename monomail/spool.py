@@ -25,14 +25,15 @@ import fcntl
 import json
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .envelope import Envelope, new_id
 from .errors import SpoolError
 
 Record = dict[str, Any]
-PID_FILE = "monomail.pid"  # the running server's pid, so `monomail queue` can signal it (SIGUSR1)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -93,6 +94,18 @@ class Spool:
             _fsync_dir(self.dir)
         except OSError as exc:
             raise SpoolError(f"cannot write queue entry {record['id']}: {exc}") from exc
+
+    def journal_new(self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool | None = None,
+                    now: float | None = None) -> Envelope:
+        """The one way to journal a new message (sendmail, deliver, list posts, bounces): a
+        fresh queue id, every recipient pending and due ``now``, stored durably before
+        return. Raises `SpoolError`."""
+        now = time.time() if now is None else now
+        if smtputf8 is None:
+            smtputf8 = not sender.isascii() or any(not r.isascii() for r in recipients)
+        env = Envelope(new_id(now), sender, tuple(recipients), now, smtputf8, len(data))
+        self.store(new_record(env, now), data)
+        return env
 
     def update(self, record: Record) -> None:
         _, env = self._paths(record["id"])
@@ -169,3 +182,18 @@ class Spool:
 
 def _encode(record: Record) -> bytes:
     return json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n"
+
+
+def new_record(env: Envelope, now: float) -> Record:
+    """A spool record with every recipient pending, due ``now``."""
+    return {
+        "id": env.id,
+        "sender": env.sender,
+        "received_at": env.received_at,
+        "smtputf8": env.smtputf8,
+        "size": env.size,
+        "hold": False,
+        "warned": False,
+        "recipients": [{"address": r, "state": "pending", "attempts": 0, "next_attempt": now, "finished": []}
+                       for r in env.recipients],
+    }

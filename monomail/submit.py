@@ -51,7 +51,6 @@ import logging
 import os
 import pwd
 import re
-import signal
 import smtplib
 import sys
 import time
@@ -60,12 +59,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .config import Config, load
-from .envelope import Address, Envelope, parse_path
+from .config import load_config
+from .control import RunningServer, running_server, tell_server
+from .envelope import Address, Envelope, new_id, parse_path
 from .errors import BAD_ADDRESS, AddressError, ConfigError, ReplyError, RouteError, SpoolError
 from .policy import check_recipient
-from .queue import new_id, new_record
-from .spool import PID_FILE, Spool
+from .settings import Config
+from .spool import Spool, new_record
 from .sysexits import (
     EX_CANTCREAT,
     EX_CONFIG,
@@ -86,7 +86,6 @@ from .tables import FileTables
 
 PROG = "monomail sendmail"
 USAGE = "usage: monomail sendmail [-t] [-i] [-f sender] [-F name] [-bm|-bs|-bp] [-q] [-v] [recipient ...]"
-DEFAULT_CONFIGS = (Path("monomail.toml"), Path("/etc/monomail/monomail.toml"))
 MAX_LINE = 998  # RFC 5322 §2.1.1
 STARTUP_WAIT = 3.0  # seconds to wait for a server whose process is alive but not yet listening
 
@@ -198,24 +197,6 @@ def _attached(opts: Options, ch: str, rest: str) -> None:
 
 
 # -- configuration ----------------------------------------------------------------------
-
-
-def config_path(explicit: str | None = None) -> Path:
-    """The config file: ``explicit``, ``$MONOMAIL_CONFIG``, ./monomail.toml, /etc/monomail/."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("MONOMAIL_CONFIG")
-    if env:
-        return Path(env)
-    for candidate in DEFAULT_CONFIGS:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError("", "no configuration found: set MONOMAIL_CONFIG, or create ./monomail.toml "
-                          "or /etc/monomail/monomail.toml")
-
-
-def load_config(explicit: str | None = None) -> Config:
-    return load(config_path(explicit))
 
 
 # -- the message ------------------------------------------------------------------------
@@ -403,60 +384,6 @@ class Result:
     refused: dict[str, str] = field(default_factory=dict)  # recipient → permanent reply
 
 
-@dataclass
-class _Server:
-    pid: int
-    host: str
-    port: int
-    connected: bool = False
-
-
-def _server(config: Config) -> _Server | None:
-    """The running server by its PID file, or None."""
-    try:
-        pid = int((config.server.spool_dir / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, run by another user
-    listen = config.server.listen[0]
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
-    if listen.port == 0:
-        return None
-    return _Server(pid, host, listen.port)
-
-
-def _is_monomail(pid: int) -> bool:
-    try:
-        return b"monomail" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def _tell_server(server: _Server | None) -> int | None:
-    """Ask a running server to read the spool now (SIGUSR1); the pid told, or None. Only a
-    process known to be the server is signalled: a stale PID file may name somebody else's
-    process."""
-    if server is None or not (server.connected or _is_monomail(server.pid)):
-        return None
-    try:
-        os.kill(server.pid, signal.SIGUSR1)
-    except OSError:
-        return None
-    return server.pid
-
-
-def notify_server(config: Config) -> int | None:
-    """Tell the running server, if there is one, to read the spool now; its pid, or None."""
-    return _tell_server(_server(config))
-
-
 def _reply_text(code: int, text: bytes | str) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
@@ -468,7 +395,7 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(items[start : start + size])
 
 
-def _connect(server: _Server, config: Config) -> smtplib.SMTP:
+def _connect(server: RunningServer, config: Config) -> smtplib.SMTP:
     """An SMTP session with the server; waits briefly for one that is starting up."""
     timeout = config.remote.cut_through + 30
     deadline = time.monotonic() + STARTUP_WAIT
@@ -481,7 +408,7 @@ def _connect(server: _Server, config: Config) -> smtplib.SMTP:
             time.sleep(0.1)
 
 
-def submit_smtp(server: _Server, config: Config, sender: str, recipients: Sequence[str], data: bytes,
+def submit_smtp(server: RunningServer, config: Config, sender: str, recipients: Sequence[str], data: bytes,
                 result: Result, verbose: bool = False) -> list[str]:
     """Send over SMTP; fills ``result`` and returns the recipients to spool instead
     (those deferred with 4xx, and all unfinished ones when the session breaks)."""
@@ -602,7 +529,7 @@ def submit(config: Config, sender: str, recipients: Sequence[str], data: bytes, 
            verbose: bool = False) -> Result:
     """Hand a prepared (LF) message to the running server, or to the spool."""
     result = Result()
-    server = _server(config)
+    server = running_server(config)
     todo = list(recipients)
     if server is not None:
         traced = received_field(config.hostname, uid, time.time()) + data
@@ -610,7 +537,7 @@ def submit(config: Config, sender: str, recipients: Sequence[str], data: bytes, 
     if todo:
         submit_spool(config, sender, todo, data, result, uid)
         if result.queued:
-            _tell_server(server)
+            tell_server(server)
     return result
 
 

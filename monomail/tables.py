@@ -5,10 +5,13 @@ size changed, so routing stays cheap (one ``stat`` per lookup) while an admin's 
 takes effect with the next message, no reload needed.
 
 Formats: a members file holds one address (or local user/alias name) a line, ``#``
-comments and blank lines ignored. A ``.forward`` file (forward(5)) holds addresses
-separated by commas or newlines; ``\\user`` (the user's own name) means "keep a copy
-in my mailbox"; ``|program`` and ``/file`` entries are ignored (and logged): monomail
-delivers only to mailboxes and addresses.
+comments and blank lines ignored. A ``.forward`` file (forward(5)) is read by the one
+address-list lexer (``addrlist``, as ``monomail import`` reads it): addresses separated
+by commas or newlines, ``Name <addr>`` and ``addr (comment)`` forms, quotes, ``#``
+comments; ``\\user`` or ``user`` (the user's own name) means "keep a copy in my
+mailbox". Pipes, files, ``:include:``, special items (``:fail:``...) and anything that
+does not parse are left out, and logged: monomail delivers a ``.forward`` only to
+mailboxes and addresses.
 
 Error handling: a file that cannot be read counts as empty (a members file) or absent
 (a ``.forward``), and the cause is logged once per change.
@@ -19,9 +22,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from .config import MailingList, User
+from .addrlist import Address, Backslashed, parse_list
+from .settings import MailingList, User
+
+T = TypeVar("T")
 
 log = logging.getLogger("monomail.tables")
 
@@ -33,7 +41,7 @@ class FileTables:
         self._cache: dict[Path, tuple[tuple[int, int], object]] = {}
         self._lock = threading.Lock()
 
-    def _read(self, path: Path, parse):  # noqa: ANN001, ANN202 - tiny internal helper
+    def _read(self, path: Path, parse: Callable[[str], T]) -> T | None:
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -45,7 +53,7 @@ class FileTables:
         with self._lock:
             hit = self._cache.get(path)
             if hit and hit[0] == stamp:
-                return hit[1]
+                return hit[1]  # type: ignore[return-value]  # stored by this same parse
         try:
             value = parse(path.read_text(encoding="utf-8", errors="replace"))
         except OSError as exc:
@@ -78,33 +86,17 @@ def _parse_members(text: str) -> tuple[str, ...]:
 
 
 def _parse_forward(text: str, user: str, path: Path) -> tuple[tuple[str, ...], bool] | None:
+    """(targets, keep a copy) of a .forward file, or None if it forwards nowhere."""
     targets: list[str] = []
     keep = False
-    for line in text.splitlines():
-        for item in _items(line):
-            if item.lower() in (f"\\{user}", user):
-                keep = True
-            elif item.startswith(("|", "/")):
-                log.warning("%s: %r not supported (pipes and files), ignored", path, item)
-            elif item and not any(c.isspace() for c in item):
-                targets.append(item)
-            elif item:
-                log.warning("%s: %r is not an address, ignored", path, item)
-    return (tuple(targets), keep) if targets else None
-
-
-def _items(line: str) -> list[str]:
-    """Comma- or space-separated items of a .forward line; quotes group, ``#`` starts a comment."""
-    items, current, quoted = [], [], False
-    for ch in line:
-        if ch == '"':
-            quoted = not quoted
-        elif ch == "#" and not quoted:
-            break
-        elif (ch == "," or ch.isspace()) and not quoted:
-            items.append("".join(current))
-            current = []
+    for item in parse_list(text):
+        value = item.value
+        name = value.name if isinstance(value, Backslashed) else value.value if isinstance(value, Address) else None
+        if name is not None and name.lower() == user:
+            keep = True
+        elif name and all(c.isprintable() and not c.isspace() for c in name):
+            targets.append(name)
         else:
-            current.append(ch)
-    items.append("".join(current))
-    return [i.strip() for i in items if i.strip()]
+            log.warning("%s:%d: %r is not an address monomail forwards to (only mailboxes and addresses), "
+                        "ignored", path, item.line, item.raw)
+    return (tuple(targets), keep) if targets else None

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mailstore, procmail
-from .config import Config, User
+from .settings import Config, User
 
 log = logging.getLogger("monomail.filters")
 

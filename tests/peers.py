@@ -339,6 +339,7 @@ class Received:
     tls: bool              # the transaction ran over STARTTLS
     auth_user: str | None  # AUTH login used, if any
     peer: str              # client ip
+    esmtp: bool = True     # the client greeted with EHLO (False: HELO)
 
 
 class _LoopThread:
@@ -408,6 +409,8 @@ class _Handler:
         p = self.peer
         if p.ehlo_reply is not None:
             return [p.ehlo_reply]  # session.host_name stays unset: MAIL then gets 503
+        if p.reject_ehlo is not None:
+            return [p.reject_ehlo]  # a peer from before ESMTP: only HELO works
         # With the 5-argument hook aiosmtpd does NOT record the HELO name itself.
         session.host_name = hostname
         lines = []
@@ -464,6 +467,7 @@ class _Handler:
             tls=session.ssl is not None,
             auth_user=session.auth_data if session.authenticated else None,
             peer=session.peer[0] if session.peer else "",
+            esmtp=bool(session.extended_smtp),
         )
         if p.data_reply is not None and not p.data_reply.startswith("2"):
             p.rejected.append(received)
@@ -486,6 +490,9 @@ class SMTPPeer:
     * ``greeting_reply``: sent instead of the 220 banner, then the connection is closed.
     * ``ehlo_reply``: reply to EHLO and HELO (the session then has no HELO name, so a
       following MAIL gets ``503 Error: send HELO first``).
+    * ``reject_ehlo``: reply to EHLO only (e.g. ``502 5.5.1 Command not recognized``); HELO
+      is then accepted as usual, a peer from before ESMTP. ``Received.esmtp`` tells which
+      greeting the client used.
     * ``tls_cert``: (certfile, keyfile) → STARTTLS offered (not required).
     * ``require_auth``: (user, password) → AUTH PLAIN LOGIN offered (after STARTTLS only
       when ``tls_cert`` is given; on the plain connection otherwise), and MAIL without a
@@ -509,6 +516,7 @@ class SMTPPeer:
                  data_reply: str | None = None,
                  greeting_reply: str | None = None,
                  ehlo_reply: str | None = None,
+                 reject_ehlo: str | None = None,
                  tls_cert: tuple[str, str] | None = None,
                  require_auth: tuple[str, str] | None = None,
                  smtputf8: bool = True, eightbitmime: bool = True, size: int | None = None,
@@ -522,6 +530,7 @@ class SMTPPeer:
         self.data_reply = data_reply
         self.greeting_reply = greeting_reply
         self.ehlo_reply = ehlo_reply
+        self.reject_ehlo = reject_ehlo
         self.tls_cert = tls_cert
         self.require_auth = require_auth
         self.smtputf8 = smtputf8

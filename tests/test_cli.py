@@ -62,7 +62,7 @@ def test_sigterm_lets_a_session_in_flight_finish(process_server):
 
 def test_queue_list_shows_deferred_mail(process_server, tmp_path: Path):
     (tmp_path / "mail").mkdir()
-    (tmp_path / "mail" / "bob.lock").write_text("999\n")  # someone else holds bob's mbox
+    (tmp_path / "mail" / "bob.lock").write_text("0\n")  # someone else holds bob's mbox (no pid: honoured)
     server = process_server(local={"lock_timeout": "0.05s"}, queue={"retry": ["1h"]})
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:
         assert s.sendmail("me@remote.test", ["bob@example.test", "alice@example.test"],

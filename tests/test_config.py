@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT, cli, write_config
 
 from monomail.config import load
+from monomail.settings import Discard, Refusal
 
 
 def test_bundled_config_is_valid():
@@ -36,6 +37,16 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path):
         ('[users.alice]\nmailbox_fromat = "mbox"\n', "users.alice.mailbox_fromat", "unknown key"),
         ('[users."../etc"]\n', 'users.../etc', "user name"),
         ('[aliases]\nteam = ["nosuchuser"]\n', "aliases.team", "neither a user nor an alias"),
+        ('[users.alice]\n[aliases]\nold = [":fail: gone", "alice"]\n', "aliases.old",
+         "':fail: gone' must be the only target"),
+        ('[aliases]\nold = [":fail: 4.2.1 gone"]\n', "aliases.old", ":defer: is for 4.x.x"),
+        ('[aliases]\nold = [":defer: 5.1.1 gone"]\n', "aliases.old", ":fail: is for 5.x.x"),
+        ('[aliases]\nold = [":fail: 550 4.1.1 gone"]\n', "aliases.old", "do not agree"),
+        ('[aliases]\nold = [":fail: caf\u00e9 ferm\u00e9"]\n', "aliases.old", "printable ASCII"),
+        ('[aliases]\nold = [":bounce: gone"]\n', "aliases.old", "not a special target"),
+        ('[aliases]\nold = [":include:/etc/list"]\n', "aliases.old", "not a special target"),
+        ('[virtual."shop.test"]\n"*" = [":blackhole:", "x@remote.test"]\n', 'virtual.shop.test.*',
+         "must be the only target"),
         ('[queue]\nretry = ["soon"]\n', "queue.retry", "duration"),
         ('[server]\ntimeout = true\n', "server.timeout", "duration"),
         ('[server]\nmax_connections = 0\n', "server.max_connections", ">= 1"),
@@ -83,3 +94,20 @@ def test_container_config_is_valid():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY deploy/container.toml /etc/monomail/monomail.toml" in dockerfile
     assert 'CMD ["monomail", "serve", "-c", "/etc/monomail/monomail.toml"]' in dockerfile
+
+
+def test_special_alias_targets(tmp_path: Path):
+    path = write_config(tmp_path, aliases={
+        "postmaster": ["alice"], "olduser": [":fail: 5.1.1 This user has left"], "later": [":defer:"],
+        "sink": [":blackhole:"], "team": ["alice", "olduser"], "drop": ["sink", "alice"],
+    }, virtual={"shop.test": {"*": [":fail: No such shop address"], "sales": ["alice"]}})
+    cfg = load(path)
+    assert cfg.aliases["olduser"] == Refusal(550, "5.1.1", "This user has left")
+    assert cfg.aliases["later"] == Refusal(450, "4.2.1", "Try again later")
+    assert cfg.aliases["sink"] == Discard()
+    assert cfg.virtual["shop.test"]["*"] == Refusal(550, "5.1.1", "No such shop address")
+    # Naming a refusing alias among others refuses the whole address: said once, at start-up.
+    assert cfg.warnings == ("aliases.team: target 'olduser' refuses its mail (550 5.1.1), so this address "
+                            "is refused as a whole; remove 'olduser' to deliver to the others",)
+    out = cli("check-config", "-c", str(path))
+    assert out.returncode == 0 and "warning: aliases.team: target 'olduser' refuses its mail" in out.stderr

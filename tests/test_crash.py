@@ -72,7 +72,7 @@ def test_sigkill_under_load_loses_nothing_acknowledged(process_server, tmp_path)
     mail_dir.mkdir()
     # Another program holds carol's mailbox: her mail is deferred into the spool.
     foreign_lock = mail_dir / "carol.lock"
-    foreign_lock.write_text("12345\n")
+    foreign_lock.write_text("0\n")  # no pid (dotlockfile, procmail): honoured
 
     server = process_server(**overrides)
     acked: list[tuple[str, str]] = []

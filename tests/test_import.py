@@ -154,9 +154,6 @@ def test_report_names_every_untranslatable_item_by_file_and_line(inputs: Inputs)
         (f"{a}:26:", '"/var/log/list" (delivery to a file) not translated'),
         (f"{a}:26:", 'alias "list" has no translatable targets; left out'),
         (f"{f}:4:", '"|/bin/cat" (pipe to a program) not translated'),
-        (f"{v}:6:", '"error:nouser No such user here" not translated (monomail refuses unknown addresses by itself)'
-                    "; mail for spam@example.org will reach the catch-all of example.org"),
-        (f"{v}:8:", '"error:5.1.1:550 User unknown" not translated (monomail refuses unknown addresses by itself)'),
         (f"{v}:9:", '"%1@example.net" (%n substitution) not translated'),
         (f"{v}:9:", "virtual domain old.example.net has no translated entries"),
         (f"{inputs.alice}:3:", '"|/usr/bin/vacation alice" (pipe to a program) not translated'),
@@ -207,8 +204,8 @@ def test_toml_tables(inputs: Inputs):
     }
     assert data["virtual"] == {
         "example.org": {"info": ["alice"], "sales": ["staff"], "sales2": ["dan@partner.example.net"],
-                        "*": ["bob@example.net"]},
-        "shop.example": {"root": ["admin"]},
+                        "*": ["bob@example.net"], "spam": [":fail: 5.1.1 No such user here"]},
+        "shop.example": {"root": ["admin"], "*": [":fail: 5.1.1 User unknown"]},  # sendmail's error: lines
     }
     assert data["forward"] == {
         "alice": {"to": ["alice@mobile.example.net"], "keep_copy": True},
@@ -294,15 +291,19 @@ def test_virtual_domains_and_forwards_route_as_sendmail_delivered(inputs: Inputs
                               {"alice@mobile.example.net", "bob@example.net", "dave@home.example.net"}),
         "sales2@example.org": (set(), {"dan@partner.example.net"}),
         "anyone@example.org": (set(), {"bob@example.net"}),  # the catch-all
-        "spam@example.org": (set(), {"bob@example.net"}),  # the reported error: line
         "root@shop.example": ({"alice", "carol"}, {"alice@mobile.example.net", "bob@example.net"}),
         "webmaster@example.com": ({"alice", "carol", "dave"},
                                   {"alice@mobile.example.net", "bob@example.net", "dave@home.example.net"}),
     }
     for address, expected in cases.items():
         assert route(cfg, address) == expected, address
-    with pytest.raises(RouteError):  # @shop.example error:5.1.1: refused by monomail itself
+    # sendmail's error: lines refuse with their own reply, before any catch-all.
+    with pytest.raises(RouteError) as refused:
+        route(cfg, "spam@example.org")
+    assert str(refused.value.reply) == "550 5.1.1 No such user here"
+    with pytest.raises(RouteError) as refused:
         route(cfg, "nobody@shop.example")
+    assert str(refused.value.reply) == "550 5.1.1 User unknown"
 
 
 # -- format details ---------------------------------------------------------------------
@@ -412,3 +413,29 @@ def test_imported_aliases_route_the_same_through_monomail_route(tmp_path: Path) 
         got = set(re.findall(r"user (\w+) \(users\.\w+\) ->", r.stdout))
         got |= set(re.findall(r"^\s*(\S+@partner\.test): remote", r.stdout, re.MULTILINE))
         assert got == want, (name, r.stdout)
+
+
+def test_what_does_not_parse_is_reported_never_made_into_users(tmp_path: Path):
+    (tmp_path / "aliases").write_text(
+        "odd: :fail: 4.2.1 Not permanent at all\n"  # a :fail: with a temporary status
+        'open: "unclosed quote, alice\n'
+        "mixed: bob, :fail: This user has left, carol\n"  # the :fail: answers for all of mixed
+        "bin: /dev/null, alice\n"  # /dev/null beside others delivers nothing: left out
+    )
+    (tmp_path / "fwd").write_text(":fail: not from a .forward\nCarol Smith <carol@example.net>\n")
+    result = convert(aliases=tmp_path / "aliases", forwards=[("dave", tmp_path / "fwd")])
+    data = tomllib.loads(result.toml)
+    assert data["users"] == {"alice": {}, "dave": {}}
+    assert data["aliases"] == {"mixed": [":fail: 5.1.1 This user has left, carol"], "bin": ["alice"]}
+    assert data["forward"] == {"dave": {"to": ["carol@example.net"], "keep_copy": False}}
+    a = tmp_path / "aliases"
+    assert result.report == (
+        f'{a}:1: ":fail: 4.2.1 Not permanent at all" not understood (:fail: refuses for good: its status is '
+        "5.x.x (:defer: is for 4.x.x)); left out",
+        f'{a}:1: alias "odd" has no translatable targets; left out',
+        f'{a}:2: ""unclosed quote, alice" not understood (a quote is not closed); left out',
+        f'{a}:2: alias "open" has no translatable targets; left out',
+        f'{a}:3: "bob" left out: ":fail: This user has left, carol" answers for all of mixed, as Exim reads it',
+        f'{tmp_path / "fwd"}:1: ":fail: not from a .forward" not translated (a monomail forward delivers; '
+        "it cannot refuse or discard)",
+    )

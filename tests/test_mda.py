@@ -96,14 +96,14 @@ def test_locked_mbox_is_75_and_nothing_is_written(tmp_path: Path):
     folder = tmp_path / "mail"
     folder.mkdir()
     (folder / "bob").write_bytes(b"")
-    (folder / "bob.lock").write_text("31337\n")  # another program's dot-lock
+    (folder / "bob.lock").write_text("0\n")  # another program's dot-lock (no pid: honoured)
     started = time.monotonic()
     result = mda(config, "-u", "bob")
     assert result.returncode == 75
     assert "4.2.0" in one_line(result)
     assert time.monotonic() - started < 10
     assert (folder / "bob").read_bytes() == b""
-    assert (folder / "bob.lock").read_text() == "31337\n"
+    assert (folder / "bob.lock").read_text() == "0\n"
 
 
 @pytest.mark.parametrize("args", [[], ["-u"], ["-u", "alice", "--bogus"]])

@@ -172,6 +172,83 @@ def test_user_mailbox_from_the_config(tmp_path: Path):
     assert proc.returncode == 1 and "neither a file nor a Maildir" in proc.stderr
 
 
+# --------------------------------------------------------------------------- output cut short (| head)
+
+
+def big_mbox(path: Path, n: int, body_lines: int = 0) -> Path:
+    """``n`` messages written in one go (no lock or fsync per message: quick)."""
+    filler = "".join(f"filler line {j}\n" for j in range(body_lines)).encode()
+    path.write_bytes(b"".join(mailstore.from_line(f"s{i}@example.test", WHEN) + mailstore.mbox_quote(message(i))
+                              + filler + b"\n" for i in range(n)))
+    return path
+
+
+@pytest.fixture(params=["buffered", "unbuffered"])
+def output_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Both ways Python may write stdout: buffered (the usual: the interpreter's last flush
+    at exit meets the closed pipe) and unbuffered (``PYTHONUNBUFFERED``: every write does)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return env if request.param == "buffered" else {**env, "PYTHONUNBUFFERED": "1"}
+
+
+def through_head(args: list[str], cwd: Path, env: dict[str, str], stdin: bytes = b"") -> tuple[int, str, str]:
+    """``python -m monomail mail ARGS < stdin | head -1`` on a real pipe: (the reader's exit
+    status, what head printed, the reader's stderr)."""
+    with (cwd / "stdin").open("w+b") as inp:
+        inp.write(stdin)
+        inp.seek(0)
+        reader_proc = subprocess.Popen([sys.executable, "-m", "monomail", "mail", *args], cwd=cwd, stdin=inp,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        assert reader_proc.stdout is not None and reader_proc.stderr is not None
+        head = subprocess.run(["head", "-1"], stdin=reader_proc.stdout, capture_output=True, timeout=8, check=True)
+        reader_proc.stdout.close()
+        err = reader_proc.stderr.read().decode()
+        return reader_proc.wait(timeout=8), head.stdout.decode(), err
+
+
+@pytest.mark.parametrize(("args", "stdin", "first"), [
+    (["-H"], b"", "messages 2000 new"),
+    (["-p"], b"", "Message 1:"),
+    ([], b"p *\nd 1\nq\n", "messages 2000 new"),  # a session: the summary alone fills the pipe
+])
+def test_output_cut_short_by_head_ends_quietly(tmp_path: Path, output_env: dict[str, str], args: list[str],
+                                               stdin: bytes, first: str):
+    """Defect 15: ``monomail mail | head`` ended with a broken-pipe error. Now it stops
+    quietly with 141 (128 + SIGPIPE, as the shell reports for mailx or less) and, in a
+    session, changes nothing."""
+    box = big_mbox(tmp_path / "box", 2000)
+    before = box.read_bytes()
+    rc, out, err = through_head(["-f", str(box), *args], tmp_path, output_env, stdin)
+    assert first in out
+    assert err == ""  # no traceback, no "Broken pipe", no "Exception ignored"
+    assert rc == 141
+    assert box.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["box", "stdin"]  # no lock or journal left
+
+
+def test_a_session_whose_output_goes_away_mid_command_changes_nothing(tmp_path: Path, output_env: dict[str, str]):
+    box = big_mbox(tmp_path / "box", 3, body_lines=10_000)  # a short summary, then p * prints ~600 kB
+    before = box.read_bytes()
+    rc, out, err = through_head(["-f", str(box)], tmp_path, output_env, b"p *\nd 1\nd 2\nq\n")
+    assert (rc, err) == (141, "")
+    assert out == f'"{box}": 3 messages 3 new\n'
+    assert box.read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-H", "-f", "box"], ["-f", "missing"]])
+def test_output_closed_before_the_first_line(tmp_path: Path, output_env: dict[str, str], args: list[str]):
+    """The pipe's reader is gone before anything is written (``| true``): still no traceback."""
+    make_mbox(tmp_path / "box", 2)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "monomail", "mail", *args], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                              stdout=write_end, stderr=subprocess.PIPE, env=output_env, timeout=8, check=False)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr.decode()) == (141, "")
+
+
 # --------------------------------------------------------------------------- commands in-process
 
 
@@ -196,6 +273,25 @@ def test_end_of_input_quits_like_q(tmp_path: Path):
     assert rc == 0 and out.rstrip().endswith(f"Held 1 message in {box}, deleted 2")
     assert subjects(mailbox.mbox(box)) == ["hello 2"]
     assert list(mailbox.mbox(box))[0]["Status"] is None  # listed, not read: still new
+
+
+@pytest.mark.parametrize(("raw", "marked"), [
+    (b"Subject: odd\nX-Broken header line\n\nthe body\n",  # a line that is no field begins the body
+     b"Subject: odd\nStatus: RO\nX-Broken header line\n\nthe body\n"),
+    (b"Subject: no body at all\nX-Last: field\n", b"Subject: no body at all\nX-Last: field\nStatus: RO\n"),
+])
+def test_a_read_mark_goes_into_the_header_section(tmp_path: Path, raw: bytes, marked: bytes):
+    """``Status: RO`` is added as the last field of the header section as RFC 5322 draws
+    it (``message.split_header``), where every mbox reader finds it, not after a line
+    that already began the body."""
+    box = tmp_path / "box"
+    mailstore.deliver_mbox(box, [("a@example.test", WHEN, [raw])], lock_timeout=5)
+    rc, out = session(["-f", str(box)], "p 1", "q")
+    assert rc == 0 and f"Held 1 message in {box}" in out
+    assert box.read_bytes() == mailstore.from_line("a@example.test", WHEN) + marked + b"\n"
+    assert [m["Status"] for m in mailbox.mbox(box)] == ["RO"]
+    rc, out = session(["-H", "-f", str(box)])
+    assert re.search(r"^>    1 a@example.test ", out, re.M), out  # read: no N or U marker
 
 
 def test_reply_goes_through_the_submit_hook(tmp_path: Path):
@@ -309,7 +405,7 @@ def test_q_waits_for_a_locked_mbox_then_offers_x(tmp_path: Path):
     before = box.read_bytes()
     lock = box.with_name("bob.lock")
     def foreign_lock() -> None:
-        lock.write_text("4242\n")
+        lock.write_text("0\n")  # a foreign dot-lock with no pid: honoured
 
     rc, out = session(["-c", str(cfg), "-u", "bob"], "d 1", foreign_lock, "q", "x")
     assert rc == 0 and "locked by another program; q tries again, x quits without changes" in out
@@ -536,7 +632,7 @@ KILLED = textwrap.dedent("""
     from pathlib import Path
     from monomail import mailstore, mboxrewrite, reader
     path, case, step = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    mboxrewrite._fault = lambda name: os._exit(9) if name == step else None
+    mboxrewrite.fault = lambda name: os._exit(9) if name == step else None
     folder = reader.MboxFolder(path, 5)
     msgs = folder.load()
     if case == "grow":  # read marks only: the file gets longer
@@ -578,7 +674,8 @@ def test_a_reader_killed_mid_rewrite_loses_nothing(tmp_path: Path, case: str, st
     journal = mboxrewrite.journal_path(box)
     assert journal.exists() == (step != "done")
     if torn:
-        start, boundary, region = mboxrewrite._read_journal(box)
+        journal = mboxrewrite.read_journal(box)
+        start, region = journal.start, journal.region
         size = box.stat().st_size
         with box.open("r+b") as f:
             if step == "dotlock":  # a part of the newline padding
@@ -608,6 +705,21 @@ def test_the_reader_finishes_an_interrupted_rewrite_when_it_opens_the_mbox(tmp_p
         line for line in proc.stdout.splitlines()[1:] if "hello 0" not in line]
     assert [m["Subject"] for m in mailbox.mbox(box)] == ["hello 1", "hello 2", "arrived meanwhile"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["box"]
+
+
+def test_a_journal_half_written_by_a_killed_reader_is_removed(tmp_path: Path):
+    """A kill while the journal itself is written (before its rename) leaves only its
+    temporary file: the mbox is untouched, and the next opening removes the leftover."""
+    from monomail import safeio
+
+    box = make_mbox(tmp_path / "box", 2)
+    before = box.read_bytes()
+    leftover = tmp_path / f"{safeio.TMP_PREFIX}box{mboxrewrite.JOURNAL_SUFFIX}.99999.1"  # a dead process's
+    leftover.write_bytes(b"monomail-rewrite start=0 boundary=")
+    proc = run_reader("-H", "-f", str(box), cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["box"]
+    assert box.read_bytes() == before
 
 
 @pytest.mark.parametrize("user", ["alice", "bob"])  # alice: Maildir, bob: mbox (tests/conftest.py)

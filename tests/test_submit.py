@@ -196,7 +196,7 @@ def test_q_flushes_the_queue_of_the_running_server(process_server, tmp_path: Pat
     server = process_server(queue={"retry": ["1h"]}, local={"lock_timeout": "0.2s"})
     (tmp_path / "mail").mkdir(exist_ok=True)
     lock = tmp_path / "mail" / "bob.lock"
-    lock.write_text("4242\n")  # a foreign dot-lock (procmail, mutt)
+    lock.write_text("0\n")  # a foreign dot-lock with no pid (dotlockfile, procmail): honoured
     result = sendmail(server.config_path, "bob", stdin=b"Subject: deferred\n\nx\n")
     assert result.returncode == 0, result.stderr
     wait_until(lambda: len(spool_entries(tmp_path)) == 1)

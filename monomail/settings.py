@@ -1,0 +1,183 @@
+"""The configuration as values: the frozen tree that ``config`` builds from monomail.toml.
+
+Job: vocabulary. Every setting monomail has, as frozen dataclasses that any layer may
+read (pure decisions included) without importing the TOML parser. Defaults, checks and
+the meaning of each key are documented where the key is read, in ``config``.
+
+This module imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAILBOX_FORMATS = ("maildir", "mbox")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[Listen, ...]
+    spool_dir: Path
+    max_message_size: int
+    max_recipients: int
+    max_connections: int
+    max_received_headers: int
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    timeout: float
+    shutdown_grace: float
+
+
+@dataclass(frozen=True, slots=True)
+class LocalConfig:
+    domains: frozenset[str]
+    primary_domain: str
+    mailbox_format: str
+    mail_dir: Path
+    recipient_delimiter: str
+    lock_timeout: float
+    allow_dot_forward: bool
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    mailbox_format: str
+    path: Path
+    home: Path  # $HOME for recipes: the Maildir folder, or <mail_dir>/.<user> for mbox users
+    recipes: Path  # the user's procmail-style recipe file (default <home>/.procmailrc)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An alias that answers instead of delivering: ``":fail: 5.1.1 This user has left"``
+    (``code`` 5yz, refused for good) or ``":defer: 4.2.1 Moving, try later"`` (4yz)."""
+
+    code: int  # the SMTP reply code: 550 / 450 unless the alias names another
+    status: str  # the RFC 3463 enhanced status code, of the same class as ``code``
+    text: str  # printable ASCII, at most ``addrlist.MAX_TEXT`` characters
+
+    @property
+    def temporary(self) -> bool:
+        return self.code < 500
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """``":blackhole:"``: mail for the alias is accepted and delivered nowhere."""
+
+
+# What an alias or a virtual entry stands for: its targets (users, aliases, addresses),
+# or, alone, a refusal or a discard.
+AliasTargets = tuple[str, ...] | Refusal | Discard
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """``[forward] user = { to = [...], keep_copy = true }``: what ``.forward`` gives."""
+
+    user: str
+    to: tuple[str, ...]
+    keep_copy: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MailingList:
+    name: str
+    address: str  # local@domain, lower-case
+    members: tuple[str, ...]  # inline members
+    members_file: Path | None  # one address a line, re-read when it changes
+    policy: str  # "open" | "members" | "announce"
+    posters: tuple[str, ...]  # who may post to an "announce" list
+    owner: tuple[str, ...]  # gets <name>-owner, <name>-request and <name>-bounces mail
+    bounce_address: str  # envelope sender of list mail (member bounces come back here)
+    list_id: str  # RFC 2919, e.g. "dev.example.test"
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+    @property
+    def request_address(self) -> str:
+        local, _, domain = self.address.rpartition("@")
+        return f"{local}-request@{domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class Masquerade:
+    domains: tuple[str, ...]
+    exceptions: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class FiltersConfig:
+    enabled: bool
+    allow_pipes: frozenset[str]
+    pipe_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    retry: tuple[float, ...]
+    give_up_after: float
+    warn_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class DNSConfig:
+    nameservers: tuple[str, ...]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    port: int
+    tls: str
+    smarthost: str
+    smarthost_username: str
+    smarthost_password: str
+    connect_timeout: float
+    command_timeout: float
+    data_timeout: float
+    max_connections: int
+    max_connections_per_domain: int
+    connection_idle: float
+    cut_through: float
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str
+    file: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    hostname: str
+    server: ServerConfig
+    local: LocalConfig
+    users: Mapping[str, User]
+    aliases: Mapping[str, AliasTargets]
+    virtual: Mapping[str, Mapping[str, AliasTargets]]
+    forward: Mapping[str, Forward]
+    lists: Mapping[str, MailingList]
+    list_addresses: Mapping[str, tuple[MailingList, str]]  # address → (list, "post" | "owner")
+    masquerade: Masquerade
+    filters: FiltersConfig
+    queue: QueueConfig
+    dns: DNSConfig
+    remote: RemoteConfig
+    log: LogConfig
+    warnings: tuple[str, ...] = field(default=(), compare=False)
