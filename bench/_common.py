@@ -1,5 +1,6 @@
-"""What bench/throughput.py and bench/relay.py share: event loop, sink plumbing, messages,
-the raw-asyncio SMTP load generator, subprocess servers, CPU sampling, summaries, CLI and main.
+"""What the bench/ scripts (throughput, relay, latency, killstorm) share: event loop, sink
+plumbing, messages, the raw-asyncio SMTP load generator, subprocess servers, CPU sampling,
+percentiles, client loop lag, summaries, CLI and main.
 
 Not a benchmark itself; the scripts import it as ``_common`` (Python puts a script's own
 folder first on ``sys.path``, so this works from any working directory).
@@ -150,8 +151,8 @@ class Client:
         self.writer: asyncio.StreamWriter | None = None
         self.stage = "connect"
 
-    async def _reply(self, want: int) -> bytes:
-        """The last line of the reply (raw), if its code starts with ``want``."""
+    async def _last_line(self) -> bytes:
+        """The last line of the next reply (raw), its code checked to be three digits."""
         assert self.reader is not None
         while True:
             line = await self.reader.readline()
@@ -161,6 +162,19 @@ class Client:
                 break
         if not line[:3].isdigit():
             raise SMTPFailure(f"{self.stage}: malformed reply {line[:80]!r}")
+        return line
+
+    async def exchange(self, stage: str, data: bytes) -> tuple[int, str]:
+        """Send ``data``; the reply's code and last line (text), whatever the code."""
+        assert self.writer is not None
+        self.stage = stage
+        self.writer.write(data)
+        line = await self._last_line()
+        return int(line[:3]), line.decode("ascii", "replace").strip()
+
+    async def _reply(self, want: int) -> bytes:
+        """The last line of the reply (raw), if its code starts with ``want``."""
+        line = await self._last_line()
         if line[0] - 0x30 != want:
             raise SMTPFailure(f"{self.stage}: {line.decode('ascii', 'replace').strip()[:120]}")
         return line
@@ -169,6 +183,17 @@ class Client:
         assert self.writer is not None
         self.stage = stage
         self.writer.write(data)
+        return await self._reply(want)
+
+    async def stream(self, stage: str, data: bytes, want: int, chunk: int = 65536) -> bytes:
+        """Like :meth:`command`, but written ``chunk`` bytes at a time, waiting for the socket to
+        drain after each (a big DATA payload streamed, not handed to the transport at once)."""
+        assert self.writer is not None
+        self.stage = stage
+        view = memoryview(data)
+        for start in range(0, len(view), chunk):
+            self.writer.write(view[start:start + chunk])
+            await self.writer.drain()
         return await self._reply(want)
 
     async def open(self, ehlo: bool = True) -> None:
@@ -302,6 +327,50 @@ def latency_ms(latencies: list[float]) -> tuple[float, float]:
     return p50, p99
 
 
+def percentiles_ms(latencies: list[float], points: Iterable[float] = (50, 90, 99, 100)) -> dict[str, float]:
+    """``{"p50": ms, "p90": ms, ..., "max": ms}`` (nearest rank; NaN without any); 100 is "max"."""
+    lat = sorted(latencies)
+    out = {}
+    for p in points:
+        name = "max" if p == 100 else f"p{p:g}"
+        if not lat:
+            out[name] = float("nan")
+            continue
+        rank = max(1, -(-len(lat) * p // 100))  # ceil(n * p / 100), at least 1
+        out[name] = 1000 * lat[min(len(lat), int(rank)) - 1]
+    return out
+
+
+class LoopLag:
+    """How late this process's own event loop wakes up: a task sleeps ``interval`` seconds over and
+    over and records the overshoot. A big value means the load generator, not the server, was slow."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(self.interval)
+            self.lags.append(max(0.0, time.perf_counter() - t0 - self.interval))
+
+    def start(self) -> None:
+        self.lags = []
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> dict[str, float]:
+        """Stop; the lag's p99 and max in ms."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        got = percentiles_ms(self.lags, (99, 100))
+        return {"p99_ms": got["p99"], "max_ms": got["max"]}
+
+
 def cpu_seconds(pid: int | None) -> float:
     """User+system CPU time of a process and all its threads, from /proc."""
     if pid is None:
@@ -373,10 +442,10 @@ def stop_server(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
 
 
 def write_monomail_config(directory: Path, *, hostname: str, listen: str, max_connections: int, user: str,
-                          server_extra: str = "", sections: str = "") -> Path:
+                          server_extra: str = "", sections: str = "", local_extra: str = "") -> Path:
     """``directory/monomail.toml``: one trusted listener, a local Maildir domain ``example.test`` with
-    ``user``, warnings logged to ``monomail-log.txt``. ``server_extra``: more ``[server]`` lines;
-    ``sections``: more tables (both as TOML text ending in a newline)."""
+    ``user``, warnings logged to ``monomail-log.txt``. ``server_extra`` / ``local_extra``: more
+    ``[server]`` / ``[local]`` lines; ``sections``: more tables (all as TOML text ending in a newline)."""
     path = directory / "monomail.toml"
     path.write_text(f"""\
 hostname = "{hostname}"
@@ -392,7 +461,7 @@ shutdown_grace = "10s"
 domains = ["example.test"]
 mailbox_format = "maildir"
 mail_dir = "mail"
-
+{local_extra}
 [users.{user}]
 
 {sections}[log]
@@ -488,7 +557,8 @@ def run_benchmark(name: str, prefix: str, args: argparse.Namespace, amain: Amain
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     procs: list[subprocess.Popen[bytes]] = []
     closers: list[Callable[[], None]] = []
-    signal.signal(signal.SIGTERM, _terminate)  # so that the finally below kills the servers
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)  # so that the finally below kills the servers
     try:
         return run_loop(amain(workdir, procs, closers))
     except RuntimeError as exc:

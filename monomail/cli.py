@@ -28,6 +28,7 @@ from .config import load
 from .control import notify_server
 from .envelope import Status
 from .errors import ConfigError, CorruptEntry, SpoolBusy, SpoolError
+from .message import header_block
 from .schedule import duration
 from .settings import Config
 from .spool import QueuedRecipient, QueueEntry, Spool
@@ -144,8 +145,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
               + "".join(f"\n               {e}" for e in extra))
     print()
     data = spool.message(args.id)
-    end = data.find(b"\n\n")
-    text = (data if end < 0 else data[: end + 1]).decode("utf-8", "replace")
+    text = header_block(data).decode("utf-8", "replace")
     sys.stdout.write("".join(_safe(line) + "\n" for line in text.splitlines()))
     return 0
 

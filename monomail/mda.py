@@ -49,7 +49,8 @@ from typing import NoReturn
 
 from . import maillog
 from .envelope import Address, Envelope, Outcome, Status, parse_path
-from .errors import ConfigError, ReplyError, SpoolError
+from .errors import ConfigError, ReplyError, SpoolError, UsageError
+from .message import header_fields, split_header
 from .settings import Config
 from .sysexits import EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Failure, fail, setup_logging
 
@@ -59,13 +60,9 @@ _RETURN_PATH = re.compile(rb"^Return-Path:", re.IGNORECASE)
 log = logging.getLogger("monomail.mda")
 
 
-class _Usage(Exception):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise _Usage(message)
+        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,27 +96,11 @@ def prepare(raw: bytes) -> tuple[bytes, str | None]:
 
 def _drop_return_path(data: bytes) -> bytes:
     """The message without Return-Path fields in its header section."""
-    if b"eturn-" not in data[:65536] and b"ETURN-" not in data[:65536]:
+    head, body = split_header(data)
+    if b"eturn-" not in head and b"ETURN-" not in head:
         return data
-    out: list[bytes] = []
-    dropping = False
-    pos = 0
-    while pos < len(data):
-        end = data.find(b"\n", pos)
-        stop = len(data) if end < 0 else end + 1
-        line = data[pos:stop]
-        if line == b"\n" or not (line[:1] in (b" ", b"\t") or b":" in line):
-            out.append(data[pos:])  # end of the header section
-            return b"".join(out)
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                out.append(line)
-        else:
-            dropping = bool(_RETURN_PATH.match(line))
-            if not dropping:
-                out.append(line)
-        pos = stop
-    return b"".join(out)
+    kept = [f for f in header_fields(head) if not _RETURN_PATH.match(f)]
+    return b"".join(kept) + data[len(head) : len(data) - len(body)] + body
 
 
 # -- who and from whom --------------------------------------------------------------------
@@ -237,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
-    except _Usage as exc:
+    except UsageError as exc:
         return fail(PROG, EX_TEMPFAIL, f"usage error: {exc} (usage: {PROG} -u USER [-f SENDER] [-a ADDRESS] [-c FILE])")
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

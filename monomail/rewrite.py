@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 
+from .message import header_block
 from .settings import Config, Masquerade
 
 _FROM_SENDER = re.compile(rb"^(From|Sender):[^\n]*(?:\n[ \t][^\n]*)*\n", re.IGNORECASE | re.MULTILINE)
@@ -45,8 +46,8 @@ def masquerade_headers(data: bytes, masq: Masquerade) -> bytes:
     """``data`` with the addresses of its From:/Sender: fields masqueraded."""
     if not masq.domains:
         return data
-    end = data.find(b"\n\n")
-    head, body = (data, b"") if end < 0 else (data[: end + 1], data[end + 1 :])
+    head = header_block(data)
+    body = data[len(head) :]
 
     def field(m: re.Match[bytes]) -> bytes:
         def addr(a: re.Match[bytes]) -> bytes:
