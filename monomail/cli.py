@@ -199,7 +199,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0 if ok else 2
 
 
-_OWN_PARSERS = {"import": ".importer", "mail": ".reader", "sendmail": ".submit", "deliver": ".mda"}
+_OWN_PARSERS = {"import": ".importer", "mail": ".reader", "sendmail": ".sendmail", "deliver": ".mda"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,10 +49,10 @@ from typing import NoReturn
 
 from . import maillog
 from .envelope import Address, Envelope, Outcome, Status, parse_path
-from .errors import ConfigError, ReplyError, SpoolError, UsageError
+from .errors import ConfigError, Failure, ReplyError, SpoolError, UsageError
 from .message import header_fields, split_header
 from .settings import Config
-from .sysexits import EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Failure, fail, setup_logging
+from .sysexits import EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, fail, setup_logging
 
 PROG = "monomail deliver"
 _RETURN_PATH = re.compile(rb"^Return-Path:", re.IGNORECASE)

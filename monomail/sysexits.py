@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import sys
 
-from .errors import Failure  # noqa: F401 - only for mda, until it imports errors.Failure itself
-
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
