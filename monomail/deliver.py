@@ -193,7 +193,8 @@ class Deliverer:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self.executor, mailstore.deliver_maildir, dest.path, chunks)
             else:
-                chunks[1] = mailstore.mbox_quote(data)
+                # a whole-message scan: off the event loop (DESIGN invariant 9)
+                chunks[1] = await asyncio.get_running_loop().run_in_executor(self.executor, mailstore.mbox_quote, data)
                 await self._mbox(dest.path, (sender, env.received_at, chunks))
         except Exception as exc:  # every local transport error is temporary
             return [(dest.key, _Result(reply_for(exc), f"{where}: {type(exc).__name__}: {exc}"))]
