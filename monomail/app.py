@@ -148,7 +148,7 @@ class App:
         await self.server.close(grace)
         if self._runner:
             self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+            await asyncio.wait({self._runner}, timeout=max(0.5, deadline - time.monotonic()))
         await self.queue.close(max(0.5, deadline - time.monotonic()))
         await self.transport.close()
         # Work not started is dropped (its tasks are cancelled); running work is short:

@@ -407,8 +407,11 @@ class Queue:
             self._wake.clear()
             upcoming = [t for q, t in self._due.items() if q not in self._busy]
             timeout = max(0.0, min(upcoming) - self.clock()) if upcoming else 60.0
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that
+            # lands just as the event is set, and the runner would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=min(timeout, 60.0))
+                async with asyncio.timeout(min(timeout, 60.0)):
+                    await self._wake.wait()
 
     async def _retry(self, qid: str) -> None:
         try:

@@ -137,3 +137,31 @@ def test_a_failing_retry_runner_is_restarted(serve, tmp_path: Path, caplog):
     assert not clock.fail
     assert any("queue runner failed; restarting it" in r.getMessage() for r in caplog.records)
     assert not list((tmp_path / "spool").glob("*.json"))
+
+
+async def test_the_retry_runner_stops_when_cancelled_as_it_wakes(tmp_path: Path):
+    """A stop that lands just as the runner is woken (a flush, a finished retry) must stop
+    it: on Python 3.11 ``asyncio.wait_for`` dropped such a cancel, and ``monomail serve``
+    hung at shutdown (seen in CI after a flush-then-SIGTERM)."""
+    import asyncio
+
+    from monomail.config import load
+    from monomail.queue import Queue
+    from monomail.spool import Spool
+
+    config = load(write_config(tmp_path))
+    spool = Spool(tmp_path / "spool")
+
+    async def deliver(*args):  # never called: the spool is empty
+        raise AssertionError("no delivery expected")
+
+    queue = Queue(spool, deliver, config.queue, hostname=config.hostname)
+    await queue.load()
+    for attempt in range(30):
+        runner = asyncio.ensure_future(queue.run())
+        for _ in range(attempt % 4):
+            await asyncio.sleep(0)
+        queue.flush()  # wakes the runner ...
+        runner.cancel()  # ... and the stop lands in the same moment
+        done, _ = await asyncio.wait({runner}, timeout=2)
+        assert done and runner.cancelled(), f"runner ignored the cancel (round {attempt})"
