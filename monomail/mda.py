@@ -49,10 +49,10 @@ from typing import NoReturn
 
 from . import maillog
 from .envelope import Address, Envelope, Outcome, Status, parse_path
-from .errors import ConfigError, Failure, ReplyError, SpoolError, UsageError
+from .errors import Failure, ReplyError, SpoolError, UsageError
 from .message import header_fields, split_header
 from .settings import Config
-from .sysexits import EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, fail, setup_logging
+from .sysexits import EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, fail, run, setup_logging
 
 PROG = "monomail deliver"
 _RETURN_PATH = re.compile(rb"^Return-Path:", re.IGNORECASE)
@@ -213,8 +213,6 @@ def deliver(config: Config, user: str, sender: str | None, address: str | None, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``monomail deliver -u USER [-f SENDER] [-a ADDRESS] [-c FILE] [-v]``; a sysexits code."""
-    from .config import load_config
-
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
@@ -223,21 +221,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     setup_logging(PROG, args.verbose)
+    # never lose: whatever goes wrong but a refusal, the calling MTA keeps the message
+    return run(PROG, lambda: _deliver_stdin(args), usage=EX_TEMPFAIL, config=EX_TEMPFAIL)
+
+
+def _deliver_stdin(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(args.config)
     try:
-        config = load_config(args.config)
-        try:
-            raw = sys.stdin.buffer.read()
-        except OSError as exc:
-            raise Failure(EX_TEMPFAIL, f"cannot read the message: {exc}") from None
-        return deliver(config, args.user, args.sender, args.address, raw)
-    except ConfigError as exc:
-        return fail(PROG, EX_TEMPFAIL, f"config error: {exc}")
-    except Failure as exc:
-        return fail(PROG, exc.code, exc.message)
-    except KeyboardInterrupt:
-        return fail(PROG, EX_TEMPFAIL, "interrupted")
-    except Exception as exc:  # never lose: the calling MTA keeps the message
-        return fail(PROG, EX_TEMPFAIL, f"internal error: {type(exc).__name__}: {exc}")
+        raw = sys.stdin.buffer.read()
+    except OSError as exc:
+        raise Failure(EX_TEMPFAIL, f"cannot read the message: {exc}") from None
+    return deliver(config, args.user, args.sender, args.address, raw)
 
 
 if __name__ == "__main__":

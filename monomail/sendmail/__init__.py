@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..config import load_config
-from ..errors import ConfigError, Failure, ReplyError, UsageError
+from ..errors import Failure, ReplyError, UsageError
 from ..settings import Config
-from ..sysexits import EX_CONFIG, EX_DATAERR, EX_OK, EX_OSERR, EX_TEMPFAIL, EX_USAGE, fail, setup_logging
+from ..sysexits import EX_CONFIG, EX_DATAERR, EX_OK, EX_OSERR, EX_TEMPFAIL, EX_USAGE, fail, run, setup_logging
 from .compose import argument_addresses, canonical, envelope_sender, login, normalize, prepare, read_message
 from .handover import Result, describe, exit_code, submit
 from .options import HELP, USAGE, Options, parse_args
@@ -120,22 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(HELP)
         return EX_OK
     setup_logging(PROG, opts.verbose)
-    try:
-        config = load_config()
-        if opts.mode == "p":
-            return _cli(config, "queue", "list")
-        if opts.mode == "q":
-            return _cli(config, "queue", "flush")
-        if opts.mode == "s":
-            return StdioSMTP(config, opts, sys.stdin.buffer, sys.stdout.buffer).run()
-        return deliver_mode(opts, config, sys.stdin.buffer)
-    except UsageError as exc:
-        return fail(PROG, EX_USAGE, str(exc))
-    except ConfigError as exc:
-        return fail(PROG, EX_CONFIG, f"config error: {exc}")
-    except Failure as exc:
-        return fail(PROG, exc.code, exc.message)
-    except KeyboardInterrupt:
-        return fail(PROG, EX_TEMPFAIL, "interrupted; nothing was sent")
-    except Exception as exc:  # nobody classified it: temporary, and never a traceback
-        return fail(PROG, EX_TEMPFAIL, f"internal error, try again later: {type(exc).__name__}: {exc}")
+    return run(PROG, lambda: _mode(opts))
+
+
+def _mode(opts: Options) -> int:
+    config = load_config()
+    if opts.mode == "p":
+        return _cli(config, "queue", "list")
+    if opts.mode == "q":
+        return _cli(config, "queue", "flush")
+    if opts.mode == "s":
+        return StdioSMTP(config, opts, sys.stdin.buffer, sys.stdout.buffer).run()
+    return deliver_mode(opts, config, sys.stdin.buffer)
