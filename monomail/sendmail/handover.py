@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import smtplib
 import time
 from collections.abc import Iterator, Sequence
@@ -31,8 +30,9 @@ from ..control import RunningServer, running_server, tell_server
 from ..envelope import Address, new_id
 from ..errors import Failure, RouteError, SpoolError
 from ..policy import check_recipient
+from ..router import Tables
 from ..settings import Config
-from ..spool import Spool
+from ..spool import Spool, parse_reply
 from ..sysexits import EX_NOUSER, EX_TEMPFAIL, EX_UNAVAILABLE
 from ..tables import FileTables
 from .compose import received_field
@@ -153,6 +153,17 @@ def _done(todo: list[str], finished: Sequence[str]) -> None:
             todo.remove(r)
 
 
+def check_local(config: Config, tables: Tables, address: Address, sender: str) -> None:
+    """The server's recipient policy for a local (trusted) submission: `RouteError` to
+    refuse; an error nobody classified leaves the decision to the server at delivery time."""
+    try:
+        check_recipient(address, config, trusted=True, sender=sender, tables=tables)
+    except RouteError:
+        raise
+    except Exception as exc:
+        log.info("cannot check <%s> now: %r", address, exc)
+
+
 def submit_spool(config: Config, sender: str, recipients: Sequence[str], data: bytes, result: Result,
                  uid: int) -> None:
     """Journal the message for ``recipients`` in the spool (refusing unknown local users
@@ -161,12 +172,10 @@ def submit_spool(config: Config, sender: str, recipients: Sequence[str], data: b
     ok = []
     for r in recipients:
         try:
-            check_recipient(Address.from_str(r), config, trusted=True, sender=sender, tables=tables)
+            check_local(config, tables, Address.from_str(r), sender)
         except RouteError as exc:
             result.refused[r] = str(exc.reply)
             continue
-        except Exception as exc:  # the server decides at delivery time
-            log.info("cannot check <%s> now: %r", r, exc)
         ok.append(r)
     if not ok:
         return
@@ -202,10 +211,8 @@ def submit(config: Config, sender: str, recipients: Sequence[str], data: bytes, 
 def exit_code(refused: dict[str, str]) -> int:
     """67 when a recipient itself was refused (5.1.x, or 550/551/553 without a status),
     69 when the message was."""
-    for reply in refused.values():
-        words = reply.split()
-        status = words[1] if len(words) > 1 and re.fullmatch(r"[245]\.\d+\.\d+", words[1]) else ""
-        if status.startswith("5.1.") or (not status and words[:1] in (["550"], ["551"], ["553"])):
+    for reply in map(parse_reply, refused.values()):
+        if reply.status.startswith("5.1.") or (not reply.status and reply.code in (550, 551, 553)):
             return EX_NOUSER
     return EX_UNAVAILABLE
 

@@ -16,19 +16,19 @@ rather than refused. The exit status is 0 unless the session itself failed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import BinaryIO
 
-from ..envelope import Address
-from ..errors import LOCAL_ERROR, Failure, Reply, ReplyError, reply_for
-from ..policy import check_recipient
+from ..errors import LOCAL_ERROR, Failure, Reply, reply_for
 from ..settings import Config
+from ..spool import parse_reply
 from ..sysexits import EX_OK
 from ..tables import FileTables
 from ..transaction import Message, Next, Step, Transaction, wire
 from .compose import envelope_sender, login, normalize, prepare
-from .handover import describe, submit
+from .handover import check_local, describe, submit
 from .options import Options
 
 IDENT = "ESMTP monomail sendmail"
@@ -49,15 +49,7 @@ class StdioSMTP:
         self.wfile = wfile
         self.tables = FileTables()
         self.login, self.gecos = login()
-        self.core = Transaction(config, self._check_recipient, strict=False)
-
-    def _check_recipient(self, address: Address, sender: str) -> None:
-        try:
-            check_recipient(address, self.config, trusted=True, sender=sender, tables=self.tables)
-        except ReplyError:
-            raise
-        except Exception as exc:  # the server decides at delivery time
-            log.info("cannot check <%s> now: %r", address, exc)
+        self.core = Transaction(config, functools.partial(check_local, config, self.tables), strict=False)
 
     def send(self, replies: tuple[Reply, ...]) -> None:
         self.wfile.write(wire(replies))
@@ -125,17 +117,10 @@ class StdioSMTP:
             return Reply(reply.code, reply.status, "Local error: message not accepted, try again later")
         if not result.sent and not result.queued:
             first = next(iter(result.refused.values()), str(TRANSACTION_FAILED))
-            return _parsed(first) if first[:1] == "5" else TRANSACTION_FAILED
+            reply = parse_reply(first)  # the server's (or the policy's) own reply, as text
+            return reply if reply.permanent else TRANSACTION_FAILED
         how = f"queued as {result.queue_id}" if result.queued else "sent"
         if result.refused:
             how += "; refused: " + describe(result.refused)
         return Reply(250, "2.0.0", f"Ok: {how}")
 
-
-def _parsed(text: str) -> Reply:
-    """A reply the server (or the policy) gave, as text, back into a `Reply`."""
-    code, _, rest = text.partition(" ")
-    status, _, words = rest.partition(" ")
-    if status[:1] == code[:1] and status.count(".") == 2:
-        return Reply(int(code), status, words)
-    return Reply(int(code), "", rest)
