@@ -31,9 +31,10 @@ thread, so `SMTPServer` calls ``loop.create_server`` itself with our `Session`, 
 ``aiosmtpd.smtp.SMTP``. What monomail takes from aiosmtpd, public API first:
 
 - ``SMTP.__init__`` (hostname, timeout, loop), ``push`` (one write + drain per step),
-  ``connection_made``/``connection_lost`` (asyncio protocol methods we extend),
-  ``session.peer``, and the documented ``line_length_limit`` (1001), which is the
-  StreamReader's limit: longer command lines are skipped and refused.
+  ``connection_made``/``connection_lost`` (asyncio protocol methods we extend; STARTTLS
+  is not offered, so each is called once per connection), and the documented
+  ``line_length_limit`` (1001), which is the StreamReader's limit: longer command lines
+  are skipped and refused.
 
 aiosmtpd internals monomail depends on (no public way exists; tested with aiosmtpd
 1.4.6, and ``pyproject.toml`` pins ``>=1.4.6,<1.5``):
@@ -88,13 +89,11 @@ class Session(SMTP):
     def __init__(self, server: SMTPServer) -> None:
         self.mm = server
         cfg = server.config
-        self._counted = False
         self.peer_ip = "127.0.0.1"
         self.trusted = False
-        super().__init__(  # size, SMTPUTF8 and the rest are the core's: aiosmtpd's own commands are unused
+        super().__init__(  # size, SMTPUTF8, the greeting are the core's: aiosmtpd's own commands are unused
             _NoHooks(),
-            hostname=cfg.hostname,
-            ident=IDENT,
+            hostname=cfg.hostname,  # else aiosmtpd asks socket.getfqdn() on every connection
             timeout=cfg.server.timeout,
             loop=server.loop,
         )
@@ -107,15 +106,11 @@ class Session(SMTP):
     # -- connection bookkeeping ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._counted or self.transport is not None:  # STARTTLS re-entry
-            super().connection_made(transport)
-            return
         if len(self.mm.sessions) >= self.mm.config.server.max_connections:
             if isinstance(transport, asyncio.WriteTransport):
                 transport.write(wire((TOO_MANY_CONNECTIONS,)))
             transport.close()
             return
-        self._counted = True
         self.mm.sessions.add(self)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
@@ -123,7 +118,7 @@ class Session(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if not self._counted:
+        if self not in self.mm.sessions:  # refused above: aiosmtpd never saw it
             return
         self.mm.sessions.discard(self)
         super().connection_lost(error)
