@@ -105,7 +105,7 @@ class Content:
         self._carry = b""
 
     def _flush(self, *, final: bool) -> None:
-        data = b"".join([self._carry, *self._pending]) if self._carry else b"".join(self._pending)
+        data = b"".join([self._carry, *self._pending])
         self._pending = []
         self._pending_size = 0
         cut = len(data) if final else data.rfind(b"\n") + 1

@@ -187,14 +187,13 @@ class Transaction:
         self.helo_name = ""
         self.extended = False
         self.unrecognized = 0
-        self.content: Content | None = None
         self._reset()
 
     def _reset(self) -> None:
         self.sender: str | None = None
         self.smtputf8 = False
         self.recipients: list[str] = []
-        self.content = None
+        self.content: Content | None = None
 
     def greeting(self, ident: str) -> Reply:
         return Reply(220, "", f"{self.hostname} {ident}")
