@@ -134,21 +134,25 @@ def test_wire_format():
     assert wire([Reply(354, "", "go")]) == b"354 go\r\n"
 
 
+def _fed(data: bytes, size: int) -> Content:
+    """A `Content` fed ``data`` in reads of ``size`` octets."""
+    c = Content(10**7)
+    for i in range(0, len(data), size):
+        c.feed(data[i : i + size])
+    return c
+
+
 def test_content_is_checked_in_blocks():
     """Bare CR/LF, NUL and long lines are found wherever the reads happen to split."""
     good = b"Subject: x\r\n\r\n" + b"y" * 998 + b"\r\n..\r\n" + b"z\r\n" * 40000
     for size in (1, 7, 1000, 65536, len(good)):
-        c = Content(10**7)
-        for i in range(0, len(good), size):
-            c.feed(good[i : i + size])
+        c = _fed(good, size)
         c.finish()
         assert c.join() == good.replace(b"\r\n", b"\n").replace(b"\n..", b"\n.")
     for bad in (b"a\r\nb\nc\r\n", b"a\rb\r\n", b"a\r\n" * 30000 + b"\x00\r\n", b"a\r\n" + b"y" * 999 + b"\r\n",
                 b"y" * 100000 + b"\r\n"):
         for size in (3, 65536):
-            c = Content(10**7)
-            for i in range(0, len(bad), size):
-                c.feed(bad[i : i + size])
+            c = _fed(bad, size)
             with pytest.raises(Exception) as e:
                 c.finish()
             assert e.value.reply.code == 554  # type: ignore[attr-defined]
