@@ -15,6 +15,7 @@ nothing is imported) and check what DESIGN.md and issue 8 ask of the layout:
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -43,8 +44,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
 def all_modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if module_name(p)}
+
+
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"))
 
 
 def the_map() -> dict[str, str]:
@@ -74,40 +81,37 @@ def home_of(module: str, mapping: dict[str, str]) -> str:
 def imports(path: Path, module: str) -> list[tuple[str, list[str], int]]:
     """(our module imported, names taken from it, line) for every import of ours, anywhere
     in the file (function-level imports included)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    modules = all_modules()
     out = []
-    for node in ast.walk(tree):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
-                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                parts = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+                target = ".".join(parts)
             elif node.module and node.module.split(".")[0] == "monomail":
-                target = ".".join(node.module.split(".")[1:])
+                target = node.module.partition(".")[2]
             else:
                 continue
-            names = [a.name for a in node.names]
-            if not node.module or (node.level and target in all_modules() and
-                                   any(f"{target}.{n}" in all_modules() for n in names)):
-                # ``from . import x`` / ``from .pkg import sub``: the submodules themselves
-                out.extend((f"{target}.{n}" if target else n, [], node.lineno) for n in names
-                           if (f"{target}.{n}" if target else n) in all_modules())
-                rest = [n for n in names if (f"{target}.{n}" if target else n) not in all_modules()]
-                if rest and target:
-                    out.append((target, rest, node.lineno))
-            else:
+            names = []
+            for alias in node.names:  # ``from . import x``, ``from .pkg import sub``: submodules
+                sub = f"{target}.{alias.name}" if target else alias.name
+                if sub in modules:
+                    out.append((sub, [], node.lineno))
+                else:
+                    names.append(alias.name)
+            if names and target:
                 out.append((target, names, node.lineno))
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.split(".")[0] == "monomail" and "." in a.name:
-                    out.append((".".join(a.name.split(".")[1:]), [], node.lineno))
+                    out.append((a.name.partition(".")[2], [], node.lineno))
     return out
 
 
 def third_party(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.Import):
             found |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
