@@ -138,9 +138,6 @@ def new_entry(env: Envelope, due: float) -> QueueEntry:
                       env.smtputf8, env.size)
 
 
-new_record = new_entry  # the name of the release before (``monomail sendmail`` still uses it)
-
-
 def _valid_id(qid: str) -> bool:
     return bool(qid) and qid.isalnum() and qid.isascii()
 
