@@ -95,6 +95,7 @@ def test_queue_list_escapes_what_the_spool_holds(tmp_path: Path):
     """A sender with a terminal escape and a byte that is not UTF-8 reaches the terminal
     escaped (``maillog.printable``), never raw."""
     from conftest import write_config
+
     from monomail.spool import Spool
 
     path = write_config(tmp_path)
