@@ -29,9 +29,10 @@ from .envelope import Status
 from .errors import ConfigError, CorruptEntry, SpoolBusy, SpoolError
 from .maillog import printable
 from .message import header_block
+from .record import QueuedRecipient, QueueEntry
 from .schedule import duration
 from .settings import Config
-from .spool import QueuedRecipient, QueueEntry, Spool
+from .spool import Spool
 
 
 def _version() -> str:

@@ -24,7 +24,7 @@ clock, so schedules are tested without waiting. New messages that deliveries mak
 posts, recipe forwards) are journalled by `journal_spawned`, which ``monomail deliver``
 uses too.
 
-Per-recipient state is a `spool.QueuedRecipient` (state, attempts, next attempt, the
+Per-recipient state is a `record.QueuedRecipient` (state, attempts, next attempt, the
 last reply, its cause and remote host); `apply_outcome` is the one place an attempt's
 `Outcome` changes it.
 
@@ -54,9 +54,10 @@ from . import maillog
 from .dsn import RecipientReport, build_report
 from .envelope import Envelope, Outcome, Status
 from .errors import LOCAL_ERROR, CorruptEntry, Reply, SpoolError
+from .record import QueuedRecipient, QueueEntry, new_entry
 from .schedule import expired, next_attempt
 from .settings import QueueConfig
-from .spool import QueuedRecipient, QueueEntry, Spool, new_entry
+from .spool import Spool
 
 log = logging.getLogger("monomail.queue")
 
