@@ -91,7 +91,7 @@ class App:
         for warning in self.config.warnings:
             log.warning("config: %s", warning)
         await asyncio.to_thread(make_dirs, self.config.local.mail_dir, 0o700)
-        await self._repair_mailboxes()
+        await asyncio.to_thread(self._repair_mailboxes)
         pending = await self.queue.load()
         if pending:
             log.info("spool: %d queued message(s) to resume", pending)
@@ -101,15 +101,16 @@ class App:
         self._runner = asyncio.create_task(self.queue.run(), name="queue-runner")
         log.info("monomail started as %s", self.config.hostname)
 
-    async def _repair_mailboxes(self) -> None:
+    def _repair_mailboxes(self) -> None:
+        """Every user's mailbox after a crash (blocking: one worker thread for them all)."""
         for user in self.config.users.values():
             try:
                 if user.mailbox_format == "mbox":
-                    await asyncio.to_thread(mailstore.recover_mbox, user.path)
+                    mailstore.recover_mbox(user.path)
                     # a `monomail mail` killed mid-rewrite left a journal: finish it first
-                    await asyncio.to_thread(finish_interrupted_rewrite, user.path, self.config.local.lock_timeout)
+                    finish_interrupted_rewrite(user.path, self.config.local.lock_timeout)
                 elif user.path.is_dir():  # what a kill left in tmp/, older than the Maildir spec's 36 h
-                    removed = await asyncio.to_thread(mailstore.clean_maildir_tmp, user.path)
+                    removed = mailstore.clean_maildir_tmp(user.path)
                     if removed:
                         log.info("maildir %s: removed %d stale file(s) from tmp/", user.path, removed)
             except (OSError, mailstore.MailboxLocked) as exc:

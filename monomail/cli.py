@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import importlib
 import os
-import re
 import sys
 import time
 from dataclasses import replace
@@ -28,10 +27,12 @@ from .config import load
 from .control import notify_server
 from .envelope import Status
 from .errors import ConfigError, CorruptEntry, SpoolBusy, SpoolError
+from .maillog import printable
 from .message import header_block
+from .record import QueuedRecipient, QueueEntry
 from .schedule import duration
 from .settings import Config
-from .spool import QueuedRecipient, QueueEntry, Spool
+from .spool import Spool
 
 
 def _version() -> str:
@@ -64,23 +65,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def _safe(text: str) -> str:
-    """Text from the spool for a terminal: no control characters, one line."""
-    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
 def _recipient_lines(r: QueuedRecipient, now: float) -> list[str]:
     """What an admin needs to know about a recipient that is not delivered yet."""
     lines = []
     if r.reply is not None:
-        lines.append(f"last reply: {_safe(str(r.reply))}")
+        lines.append(f"last reply: {printable(str(r.reply))}")
     if r.cause and r.cause != str(r.reply):
-        lines.append(f"cause: {_safe(r.cause)}")
+        lines.append(f"cause: {printable(r.cause)}")
     if r.remote_host:
-        lines.append(f"remote host: {_safe(r.remote_host)}")
+        lines.append(f"remote host: {printable(r.remote_host)}")
     if r.gave_up:
         lines.append("gave up (message too old)")
     if r.deferred and r.next_attempt is not None:
@@ -96,21 +89,21 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     for name, got in spool.scan():
         if not isinstance(got, QueueEntry):
             kind = "damaged" if isinstance(got, CorruptEntry) else "unreadable"
-            print(f"{_safe(name)}  {kind}: {_safe(str(got))}")
+            print(f"{printable(name)}  {kind}: {printable(str(got))}")
             damaged += 1
             continue
         hold = " (held)" if got.hold else ""
         print(f"{got.id}  age {duration(now - got.received_at)}  size {spool.message_size(got.id)}"
-              f"  from <{_safe(got.sender)}>{hold}")
+              f"  from <{printable(got.sender)}>{hold}")
         for r in got.recipients:
             if r.state is Status.DELIVERED:
                 continue
-            print(f"    {r.state.value:8} <{_safe(r.address)}>  attempts {r.attempts}")
+            print(f"    {r.state.value:8} <{printable(r.address)}>  attempts {r.attempts}")
             for line in _recipient_lines(r, now):
                 print(f"      {line}")
         rows += 1
     for d in spool.damaged():
-        print(f"{_safe(d.name)}  damaged, moved to {d.folder}: {_safe(d.reason)}")
+        print(f"{printable(d.name)}  damaged, moved to {d.folder}: {printable(d.reason)}")
         damaged += 1
     if rows or damaged:
         print(f"-- {rows} message(s) in queue" + (f", {damaged} damaged" if damaged else ""))
@@ -135,18 +128,18 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     entry = spool.load(args.id)
     now = time.time()
     print(f"id:          {entry.id}")
-    print(f"sender:      <{_safe(entry.sender)}>")
+    print(f"sender:      <{printable(entry.sender)}>")
     print(f"received:    {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(entry.received_at))}")
     print(f"size:        {spool.message_size(args.id)}")
     print(f"held:        {'yes' if entry.hold else 'no'}")
     for r in entry.recipients:
         extra = _recipient_lines(r, now) if r.state is not Status.DELIVERED else []
-        print(f"recipient:   <{_safe(r.address)}> {r.state.value}, attempts {r.attempts}"
+        print(f"recipient:   <{printable(r.address)}> {r.state.value}, attempts {r.attempts}"
               + "".join(f"\n               {e}" for e in extra))
     print()
     data = spool.message(args.id)
     text = header_block(data).decode("utf-8", "replace")
-    sys.stdout.write("".join(_safe(line) + "\n" for line in text.splitlines()))
+    sys.stdout.write("".join(printable(line) + "\n" for line in text.splitlines()))
     return 0
 
 

@@ -24,7 +24,7 @@ clock, so schedules are tested without waiting. New messages that deliveries mak
 posts, recipe forwards) are journalled by `journal_spawned`, which ``monomail deliver``
 uses too.
 
-Per-recipient state is a `spool.QueuedRecipient` (state, attempts, next attempt, the
+Per-recipient state is a `record.QueuedRecipient` (state, attempts, next attempt, the
 last reply, its cause and remote host); `apply_outcome` is the one place an attempt's
 `Outcome` changes it.
 
@@ -54,9 +54,10 @@ from . import maillog
 from .dsn import RecipientReport, build_report
 from .envelope import Envelope, Outcome, Status
 from .errors import LOCAL_ERROR, CorruptEntry, Reply, SpoolError
+from .record import QueuedRecipient, QueueEntry, new_entry
 from .schedule import expired, next_attempt
 from .settings import QueueConfig
-from .spool import QueuedRecipient, QueueEntry, Spool, new_entry
+from .spool import Spool
 
 log = logging.getLogger("monomail.queue")
 
@@ -216,7 +217,7 @@ class Queue:
 
         async def finish() -> None:
             try:
-                await self._commit(env.id, await attempt)
+                await self._commit(env.id, await attempt, data)
             finally:
                 self._busy.discard(env.id)
                 self._wake.set()
@@ -226,18 +227,19 @@ class Queue:
 
     # -- recording outcomes, bounces and warnings ---------------------------------
 
-    async def _commit(self, qid: str, outcomes: Sequence[Outcome]) -> None:
+    async def _commit(self, qid: str, outcomes: Sequence[Outcome], data: bytes) -> None:
         try:
-            self._schedule_all(await asyncio.to_thread(self._commit_sync, qid, outcomes, self.clock()))
+            self._schedule_all(await asyncio.to_thread(self._commit_sync, qid, outcomes, data, self.clock()))
         except CorruptEntry as exc:
             await asyncio.to_thread(self._quarantine, qid, exc)
         except SpoolError as exc:
             maillog.problem(qid, f"cannot record outcome, will retry: {exc}")
             self._due[qid] = self.clock() + self.config.retry[0]
 
-    def _commit_sync(self, qid: str, outcomes: Sequence[Outcome], now: float) -> list[Due]:
+    def _commit_sync(self, qid: str, outcomes: Sequence[Outcome], data: bytes, now: float) -> list[Due]:
         """Worker thread, under the spool lock: merge outcomes into the current record,
-        report, save. Returns the schedule changes (the loop applies them)."""
+        report, save. ``data`` is the message the attempt had (a ``.msg`` never changes).
+        Returns the schedule changes (the loop applies them)."""
         with self.spool.locked():
             if not self.spool.exists(qid):
                 log.info("%s: entry was deleted meanwhile", qid)
@@ -245,7 +247,7 @@ class Queue:
             entry = self.spool.load(qid)
             changed: list[Due] = []
             if any(o.spawned for o in outcomes):
-                made = journal_spawned(self.spool, entry.envelope, self.spool.message(qid), outcomes, now)
+                made = journal_spawned(self.spool, entry.envelope, data, outcomes, now)
                 changed += [(e.id, e.received_at) for e in made]
             updates: dict[str, QueuedRecipient] = {}
             for o in outcomes:
@@ -262,7 +264,6 @@ class Queue:
                              now - entry.received_at, r.reply or EXPIRED)
                 newly_failed |= {r.address for r in entry.deferred}
                 entry = entry.updated({r.address: give_up(r) for r in entry.deferred})
-            data = self.spool.message(qid) if newly_failed or self._warn_due(entry, now) else b""
             entry, reported = self._report(entry, data, now, failed_now=newly_failed)
             changed += reported
             if entry.deferred:
@@ -426,8 +427,7 @@ class Queue:
 
     async def _retry_entry(self, qid: str) -> None:
         try:
-            entry = await asyncio.to_thread(self.spool.load, qid)
-            data = await asyncio.to_thread(self.spool.message, qid)
+            entry, data = await asyncio.to_thread(lambda: (self.spool.load(qid), self.spool.message(qid)))
         except CorruptEntry as exc:
             await asyncio.to_thread(self._quarantine, qid, exc)
             return
@@ -448,7 +448,7 @@ class Queue:
         addresses = [r.address for r in todo]
         finished = {r.address: r.finished for r in todo}
         outcomes = await self._attempt(entry.envelope, data, addresses, finished)
-        await self._commit(qid, outcomes)
+        await self._commit(qid, outcomes, data)
 
     def _now(self) -> float:
         """The injected clock, or the system's if it fails (for error paths that must not)."""

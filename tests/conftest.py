@@ -193,6 +193,50 @@ def dns():
 
 
 @pytest.fixture
+def peers() -> Iterator[Any]:
+    """``peers(host, port, **kw)`` → a started scripted SMTP peer (tests/peers.py), stopped at teardown."""
+    from peers import SMTPPeer
+
+    started: list[Any] = []
+
+    def start(host: str, port: int, **kw: Any) -> Any:
+        p = SMTPPeer(host, port, **kw).start()
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def relay(serve: Any, dns: Any, port: int, clock: Any = None, **overrides: Any) -> ThreadServer:
+    """A server whose resolver is the test DNS server and whose ``remote.port`` is ``port``
+    (the peers' port); ``overrides`` as for ``serve``."""
+    remote = {"port": port, **overrides.pop("remote", {})}
+    return serve(clock=clock, dns={"nameservers": [dns.address], "timeout": "2s"}, remote=remote, **overrides)
+
+
+class Clock:
+    """Real time plus an offset that tests move forward (handed to a server as its clock)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def wait_until(pred: Any, timeout: float = 15.0) -> None:
+    """Poll ``pred`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
 def port() -> int:
     """A free port, used on 127.0.0.x by test SMTP peers and as monomail's remote.port."""
     return free_port()

@@ -89,3 +89,19 @@ def test_queue_list_shows_deferred_mail(process_server, tmp_path: Path):
         time.sleep(0.1)
     assert [m["Subject"] for m in mailbox.mbox(tmp_path / "mail/bob")] == ["deferred"]
     assert cli("queue", "list", "-c", str(server.config_path)).stdout.strip() == "queue is empty"
+
+
+def test_queue_list_escapes_what_the_spool_holds(tmp_path: Path):
+    """A sender with a terminal escape and a byte that is not UTF-8 reaches the terminal
+    escaped (``maillog.printable``), never raw."""
+    from conftest import write_config
+
+    from monomail.spool import Spool
+
+    path = write_config(tmp_path)
+    spool = Spool(tmp_path / "spool")
+    spool.create()
+    spool.journal_new("evil\x1b[2J\udcff@remote.test", ["alice@example.test"], b"x\n")
+    out = cli("queue", "list", "-c", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "from <evil\\x1b[2J\\xff@remote.test>" in out.stdout and "\x1b" not in out.stdout

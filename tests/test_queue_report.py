@@ -7,32 +7,13 @@ from __future__ import annotations
 import email
 import mailbox
 import smtplib
-import time
 
+import conftest
 import pytest
-from conftest import cli
+from conftest import Clock, cli, wait_until
 from peers import SMTPPeer
 
 BODY = b"Subject: why wait\r\nFrom: alice@example.test\r\n\r\nbody\r\n"
-
-
-class Clock:
-    """Real time plus an offset that tests move forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
-def wait_until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture
@@ -45,8 +26,7 @@ def peer(port):
 def relay(serve, dns, port, clock=None, **overrides):
     dns.mx("remote.test", (10, "mx1.remote.test"))
     dns.a("mx1.remote.test", "127.0.0.2")
-    return serve(clock=clock, dns={"nameservers": [dns.address], "timeout": "2s"},
-                 remote={"port": port, "connect_timeout": "1s", "command_timeout": "5s"}, **overrides)
+    return conftest.relay(serve, dns, port, clock, remote={"connect_timeout": "1s"}, **overrides)
 
 
 def test_queue_list_and_show_give_reply_cause_and_host(serve, dns, port, peer):

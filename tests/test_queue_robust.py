@@ -12,7 +12,7 @@ import smtplib
 import time
 from pathlib import Path
 
-from conftest import ProcessServer, cli, free_port, write_config
+from conftest import ProcessServer, cli, free_port, wait_until, write_config
 
 GOOD_ID = "00000000000010000aaaa"
 DAMAGED = {
@@ -20,15 +20,6 @@ DAMAGED = {
     "00000000000030000cccc": b'{"id": "00000000000030000cccc", "sender": "me@remote.test", "rece',  # truncated
     "00000000000040000dddd": b"\x89PNG\r\n\x1a\n garbage \xff\xfe",
 }
-
-
-def wait_until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def one_line_error(result) -> str:

@@ -17,42 +17,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import cli
-from peers import DNSServer, SMTPPeer, self_signed_cert
+from conftest import Clock, cli, relay, wait_until
+from peers import SMTPPeer, self_signed_cert
 
 BODY = b"Subject: relay me\r\nFrom: alice@example.test\r\n\r\nline one\r\n.dot line\r\n..two\r\nend\r\n"
-
-
-class Clock:
-    """Real time plus an offset that tests move forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
-@pytest.fixture
-def peers():
-    started: list[SMTPPeer] = []
-
-    def start(host: str, port: int, **kw: Any) -> SMTPPeer:
-        p = SMTPPeer(host, port, **kw).start()
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
-
-
-def relay(serve, dns: DNSServer, port: int, clock: Any = None, **overrides: Any):
-    remote = {"port": port, "connect_timeout": "2s", "command_timeout": "5s", **overrides.pop("remote", {})}
-    return serve(clock=clock, dns={"nameservers": [dns.address], "timeout": "2s"}, remote=remote, **overrides)
 
 
 def send(server, rcpts: list[str], sender: str = "alice@example.test", data: bytes = BODY) -> tuple[int, bytes]:
@@ -73,15 +43,6 @@ def last_reply(entry: dict, n: int = 0) -> str:
     """A recipient's last reply as the spool record holds it (code, status, text)."""
     reply = entry["recipients"][n]["reply"]
     return f"{reply['code']} {reply['status']} {reply['text']}"
-
-
-def wait_until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def alice_mail(server) -> list[email.message.Message]:

@@ -13,45 +13,21 @@ import email
 import mailbox
 import re
 import smtplib
-import time
 from typing import Any
 
+import conftest
 import pytest
-from conftest import cli
-from peers import DNSServer, SMTPPeer
+from conftest import Clock, cli, wait_until
+from peers import DNSServer
 
 BODY = b"Subject: why\r\nFrom: alice@example.test\r\n\r\nline one\r\n.dot line\r\nend\r\n"
 
 
-class Clock:
-    """Real time plus an offset that tests move forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
-@pytest.fixture
-def peers():
-    started: list[SMTPPeer] = []
-
-    def start(host: str, port: int, **kw: Any) -> SMTPPeer:
-        p = SMTPPeer(host, port, **kw).start()
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
-
-
 def relay(serve, dns: DNSServer, port: int, clock: Any = None, **overrides: Any):
-    remote = {"port": port, "connect_timeout": "1s", "command_timeout": "5s", **overrides.pop("remote", {})}
+    """`conftest.relay` with a 1 s connect timeout and retries an hour apart by default."""
+    remote = {"connect_timeout": "1s", **overrides.pop("remote", {})}
     queue = {"retry": ["1h"], **overrides.pop("queue", {})}
-    return serve(clock=clock, dns={"nameservers": [dns.address], "timeout": "2s"}, remote=remote, queue=queue,
-                 **overrides)
+    return conftest.relay(serve, dns, port, clock, remote=remote, queue=queue, **overrides)
 
 
 def send(server, rcpts: list[str], data: bytes = BODY, options: tuple[str, ...] = ()) -> tuple[int, bytes]:
@@ -61,15 +37,6 @@ def send(server, rcpts: list[str], data: bytes = BODY, options: tuple[str, ...] 
         for r in rcpts:
             assert s.rcpt(r)[0] == 250
         return s.data(data)
-
-
-def wait_until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def queue_list(server) -> str:

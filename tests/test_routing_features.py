@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import cli, write_config
+from conftest import cli, wait_until, write_config
 from peers import SMTPPeer
 
 MSG = b"From: Poster <poster@outside.test>\r\nSubject: hello list\r\n\r\nbody text\r\n"
@@ -62,15 +62,6 @@ def box(server, user: str) -> list[email.message.Message]:
         return []
     md = mailbox.Maildir(cfg.path, factory=None, create=False)
     return [email.message_from_bytes(md.get_bytes(k)) for k in sorted(md.keys())]
-
-
-def wait_until(pred, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def spool_empty(server) -> bool:

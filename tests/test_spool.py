@@ -13,7 +13,8 @@ import pytest
 
 from monomail.envelope import Status
 from monomail.errors import CorruptEntry, Reply, SpoolError
-from monomail.spool import QueuedRecipient, QueueEntry, Spool, decode, encode, parse_reply
+from monomail.record import QueuedRecipient, QueueEntry, decode, encode, parse_reply
+from monomail.spool import Spool
 
 # A record exactly as the release before wrote it (queue.py's docstring format).
 OLD_RECORD = """{
