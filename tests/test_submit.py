@@ -10,12 +10,10 @@ import pwd
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ProcessServer, free_port, write_config
+from conftest import ROOT, ProcessServer, free_port, wait_until, write_config
 
 LOGIN = pwd.getpwuid(os.getuid()).pw_name
 CRON_MESSAGE = (
@@ -43,14 +41,6 @@ def sendmail(config: Path, *args: str, stdin: bytes = b"", timeout: float = 25) 
                           timeout=timeout, env=env, cwd=config.parent)
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
                                        proc.stderr.decode("utf-8", "replace"))
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 def maildir_messages(root: Path, user: str) -> list[bytes]:

@@ -30,9 +30,10 @@ from ..control import RunningServer, running_server, tell_server
 from ..envelope import Address, new_id
 from ..errors import Failure, RouteError, SpoolError
 from ..policy import check_recipient
+from ..record import parse_reply
 from ..router import Tables
 from ..settings import Config
-from ..spool import Spool, parse_reply
+from ..spool import Spool
 from ..sysexits import EX_NOUSER, EX_TEMPFAIL, EX_UNAVAILABLE
 from ..tables import FileTables
 from .compose import received_field

@@ -22,8 +22,8 @@ import os
 from typing import BinaryIO
 
 from ..errors import LOCAL_ERROR, Failure, Reply, reply_for
+from ..record import parse_reply
 from ..settings import Config
-from ..spool import parse_reply
 from ..sysexits import EX_OK
 from ..tables import FileTables
 from ..transaction import Message, Next, Step, Transaction, wire
