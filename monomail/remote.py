@@ -75,10 +75,6 @@ class RemoteResult:
     host: str = ""  # the host that gave the answer, for DSNs (Remote-MTA)
     detail: str = ""  # for the log: where and in reply to what (never shown to a client)
 
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.reply.code < 300
-
 
 def _where(host: str, ip: str, port: int) -> str:
     """``mx1.example[192.0.2.1]:25`` (Postfix's way), or ``192.0.2.1:25`` when there is no name."""
