@@ -41,7 +41,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -140,6 +140,15 @@ class _Table:
     def path_(self, name: str, default: str, base: Path) -> Path:
         return (base / self.string(name, default)).resolve()
 
+    def optional_path(self, name: str, base: Path) -> Path | None:
+        """The key's path resolved against ``base``; None when the key is absent."""
+        value = self.get(name, None)
+        if value is None:
+            return None
+        if not (isinstance(value, str) and value):
+            raise ConfigError(self.key(name), f"expected a non-empty string, got {value!r}")
+        return (base / value).resolve()
+
     def table(self, name: str) -> _Table:
         return _Table(self.get(name, {}), self.key(name))
 
@@ -227,24 +236,11 @@ def _users(t: _Table, local: LocalConfig, base: Path) -> dict[str, User]:
             raise ConfigError(key, "defined twice (names are case-insensitive)")
         u = t.table(raw)
         fmt = u.string("mailbox_format", local.mailbox_format, MAILBOX_FORMATS)
-        path = u.get("path", None)
-        if path is None:
-            resolved = local.mail_dir / name
-        elif isinstance(path, str) and path:
-            resolved = (base / path).resolve()
-        else:
-            raise ConfigError(u.key("path"), f"expected a non-empty string, got {path!r}")
-        home_default = resolved if fmt == "maildir" else resolved.with_name(f".{name}")
-        home = u.get("home", None)
-        home_path = (base / home).resolve() if isinstance(home, str) and home else home_default
-        if home is not None and not (isinstance(home, str) and home):
-            raise ConfigError(u.key("home"), f"expected a non-empty string, got {home!r}")
-        recipes = u.get("recipes", None)
-        if recipes is not None and not (isinstance(recipes, str) and recipes):
-            raise ConfigError(u.key("recipes"), f"expected a non-empty string, got {recipes!r}")
-        recipes_path = (base / recipes).resolve() if recipes else home_path / ".procmailrc"
+        path = u.optional_path("path", base) or local.mail_dir / name
+        home = u.optional_path("home", base) or (path if fmt == "maildir" else path.with_name(f".{name}"))
+        recipes = u.optional_path("recipes", base) or home / ".procmailrc"
         u.finish()
-        users[name] = User(name, fmt, resolved, home_path, recipes_path)
+        users[name] = User(name, fmt, path, home, recipes)
     return users
 
 
@@ -275,10 +271,10 @@ def _aliases(t: _Table, users: Mapping[str, User]) -> tuple[dict[str, AliasTarge
     aliases: dict[str, AliasTargets] = {}
     for raw in list(t.data):
         aliases[raw.lower()] = _alias_targets(t.key(raw), t.strings(raw, []), None)
+    names = set(users) | set(aliases)
     for name, goals in aliases.items():
-        for target in goals if isinstance(goals, tuple) else ():
-            if "@" not in target and target.lower() not in users and target.lower() not in aliases:
-                raise ConfigError(t.key(name), f"target {target!r} is neither a user nor an alias")
+        if isinstance(goals, tuple):
+            _check_targets(t.key(name), goals, names)
     warnings = [f"aliases.{name}: alias loop" for name in _alias_loops(aliases, users)]
     return aliases, warnings
 
@@ -316,7 +312,7 @@ def _alias_loops(aliases: Mapping[str, AliasTargets], users: Mapping[str, User])
     return looped
 
 
-def _check_targets(key: str, targets: list[str], names: set[str]) -> tuple[str, ...]:
+def _check_targets(key: str, targets: Sequence[str], names: set[str]) -> tuple[str, ...]:
     for target in targets:
         if "@" not in target and target.lower() not in names:
             raise ConfigError(key, f"target {target!r} is neither a user nor an alias")

@@ -64,10 +64,6 @@ class Reply:
     def temporary(self) -> bool:
         return 400 <= self.code < 500
 
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
-
 
 class MonomailError(Exception):
     """Base of everything monomail raises on purpose."""

@@ -9,8 +9,8 @@ configured resolver, or the smarthost) and the envelope sender that copy would c
 alias's own ``:fail:`` or ``:defer:`` reply among them), and the exit code is 2 when
 any address fails to route; a ``:blackhole:`` alias is shown as discarded.
 
-Not here: the routing itself (``router``); sending (``remote``) — only its resolver is
-used, to show MX hosts.
+Not here: the routing itself (``router``); sending (``remote``) — only the DNS lookups
+(``resolver``) are used, to show MX hosts.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from .envelope import Address, parse_path
 from .errors import AddressError, DestinationError
-from .remote import Resolver
+from .resolver import Resolver
 from .rewrite import forward_sender, masquerade_address
 from .router import Destination, Mailbox, Node, Remote, Tables, expand
 from .settings import Config

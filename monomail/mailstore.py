@@ -20,8 +20,8 @@ Permissions never depend on the umask: folders this module creates are 0700, fil
 
 Messages are stored with LF line endings, as every Unix mail reader expects.
 Not here: which mailbox (``router``), the headers to add (``deliver``), the locking
-itself (``mboxlock``; `locked_mbox`, `write_dotlock` and `recover_mbox` are re-exported
-here for the modules that use them).
+itself (``mboxlock``; `recover_mbox` and `MailboxLocked` are re-exported here for the
+server's start-up and delivery).
 """
 
 from __future__ import annotations
@@ -40,11 +40,10 @@ from pathlib import Path
 
 from . import safeio
 from .errors import MailboxLocked
-from .mboxlock import STALE_FOREIGN_LOCK, locked_mbox, recover_mbox, write_dotlock
+from .mboxlock import locked_mbox, recover_mbox
 
 __all__ = [
     "MAILDIR_TMP_MAX_AGE",
-    "STALE_FOREIGN_LOCK",
     "MailboxLocked",
     "MboxItem",
     "clean_maildir_tmp",
@@ -52,10 +51,8 @@ __all__ = [
     "deliver_mbox",
     "ensure_maildir",
     "from_line",
-    "locked_mbox",
     "mbox_quote",
     "recover_mbox",
-    "write_dotlock",
 ]
 
 MAILDIR_TMP_MAX_AGE = 36 * 3600.0  # seconds: the Maildir spec's age for abandoned tmp/ files

@@ -3,7 +3,7 @@
 Job: replace part of a locked mbox file (``monomail mail`` applying deletions and read
 marks) so that neither a crash at any instant nor a delivery racing the rewrite loses
 a message, and finish a rewrite a crash interrupted (`finish_interrupted_rewrite`,
-also run at server start-up). Not here: the locks (``mailstore``), what the new
+also run at server start-up). Not here: the locks (``mboxlock``), what the new
 content is (the reader decides), parsing messages. Follows mbox(5) (mboxrd) and the
 locking of Postfix's local(8). Blocking; callers run it off the event loop.
 
@@ -12,9 +12,9 @@ it, `LockedMbox.replace_from` it); `no_interrupts` is the signal guard it holds,
 other writers of a mailbox (the reader's Maildir changes); `read_journal` shows an
 interrupted rewrite's journal; `fault` is the crash tests' seam.
 
-The rewrite runs under the very locks monomail's delivery takes (``mailstore``'s
+The rewrite runs under the very locks monomail's delivery takes (``mboxlock``'s
 in-process lock, fcntl lock and ``<mbox>.lock`` dot-lock, via
-``mailstore.locked_mbox``), so no delivery can interleave with it. Under them the
+``mboxlock.locked_mbox``), so no delivery can interleave with it. Under them the
 file is read again: the bytes loaded when the session began must still be its prefix,
 or the reader stops with a clear message and changes nothing (another reader rewrote
 it). Bytes past that prefix are mail that arrived during the session; they are kept
@@ -35,7 +35,7 @@ kept honest:
    (temp file, fsync, rename, fsync folder) with ``start`` (where REGION goes) and
    ``boundary`` = the current size: "mail past ``boundary`` arrived after the crash".
 2. Growing (status fields added): the dot-lock's record is set to the new size
-   (``mailstore.write_dotlock``, the one writer of that record), the file is
+   (``mboxlock.write_dotlock``, the one writer of that record), the file is
    extended with newlines to that size, fsync, the journal's boundary moves to the new
    size, then REGION is written and fsync'd.
    Shrinking (deletions): REGION is written and the rest up to the old size filled
@@ -67,7 +67,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import mailstore
+from . import mboxlock
 from .errors import RewriteError
 from .safeio import TMP_PREFIX, fsync_dir, write_file
 
@@ -172,8 +172,8 @@ def _remove_stale_temps(mbox: Path) -> None:
 
 
 def _set_dotlock(mbox: Path, size: int) -> None:
-    """Update the held dot-lock's record (the one format: ``mailstore.write_dotlock``)."""
-    mailstore.write_dotlock(mbox.with_name(mbox.name + ".lock"), size)
+    """Update the held dot-lock's record (the one format: ``mboxlock.write_dotlock``)."""
+    mboxlock.write_dotlock(mboxlock.dotlock_path(mbox), size)
 
 
 def _join(before: bytes, rebuilt: bytes, tail: bytes) -> bytes:
@@ -279,11 +279,11 @@ class LockedMbox:
 @contextlib.contextmanager
 def open_locked(mbox: Path, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, *,
                 finish_interrupted: bool = True) -> Iterator[LockedMbox]:
-    """Lock ``mbox`` as delivery does (``mailstore.locked_mbox``; ``MailboxLocked`` after
+    """Lock ``mbox`` as delivery does (``mboxlock.locked_mbox``; ``MailboxLocked`` after
     ``lock_timeout``), with Ctrl-C and Ctrl-Z ignored while it is held. An interrupted
     rewrite found there is finished first, or with ``finish_interrupted=False`` only
     reported (``LockedMbox.interrupted``)."""
-    with no_interrupts(), mailstore.locked_mbox(mbox, lock_timeout) as fd:
+    with no_interrupts(), mboxlock.locked_mbox(mbox, lock_timeout) as fd:
         _no_append(fd)
         _remove_stale_temps(mbox)
         found = journal_path(mbox).exists()

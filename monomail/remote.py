@@ -1,15 +1,10 @@
-"""Remote delivery: find where a domain's mail goes (DNS) and hand it over (SMTP).
+"""Remote delivery: hand a message to the hosts a domain's mail goes to (SMTP).
 
 Job: for one message and one destination domain, try the domain's hosts in order and
-return one `RemoteResult` per recipient. dnspython and aiosmtplib are imported here
-and nowhere else.
-
-Finding the hosts (RFC 5321 §5.1, RFC 7505): MX records by preference, equal
-preferences shuffled; no MX records → the domain itself (implicit MX); a null MX
-(``0 .``) → permanent 5.1.10; NXDOMAIN → permanent 5.1.2; SERVFAIL or timeout →
-temporary 4.4.3. Each host's A and AAAA records are tried. Answers are cached for their
-TTL (dnspython's cache). With ``remote.smarthost`` set, every domain goes to that one
-host instead.
+return one `RemoteResult` per recipient. aiosmtplib is imported here and nowhere else.
+The hosts come from ``resolver`` (MX, implicit MX, null MX; A and AAAA; the DNS
+errors); with ``remote.smarthost`` set, every domain goes to that one host instead.
+An address literal (``[192.0.2.1]``) is that host.
 
 Handing over (RFC 5321, RFC 3207 STARTTLS, RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 6531
 SMTPUTF8, RFC 4954 AUTH for the smarthost): one transaction per destination carries all
@@ -31,8 +26,8 @@ overall (``remote.max_connections``) and per destination
 Error handling: every failure becomes a result with a Reply; nothing raises to the
 caller. aiosmtplib's, the socket's and TLS's exceptions are mapped into monomail's tree in
 one place, `_failures` (a host that failed → `HostError`; the peer's refusal of MAIL, RCPT
-or DATA → `DeliveryError` carrying the peer's own reply); dnspython's in one place,
-`Resolver._query` (`DestinationError`). Every reply names its real cause: the host and
+or DATA → `DeliveryError` carrying the peer's own reply); dnspython's are ``resolver``'s
+(`DestinationError`). Every reply names its real cause: the host and
 port and what went wrong (``451 4.4.1 connect to mx.example[192.0.2.1]:25: connection
 refused``), or the peer's own code and words; when several hosts failed, the last one
 is told and how many were tried. These texts are about the remote side only (no local
@@ -45,10 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
-import random
 import ssl
 import time
 from collections import defaultdict
@@ -56,13 +49,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiosmtplib
-import dns.asyncresolver
-import dns.exception
-import dns.name
-import dns.rdatatype
-import dns.resolver
 
 from .errors import DeliveryError, DestinationError, HostError, MonomailError, Reply
+from .resolver import Resolver, split_hostport
 from .settings import Config, RemoteConfig
 
 log = logging.getLogger("monomail.remote")
@@ -75,10 +64,6 @@ class RemoteResult:
     host: str = ""  # the host that gave the answer, for DSNs (Remote-MTA)
     detail: str = ""  # for the log: where and in reply to what (never shown to a client)
 
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.reply.code < 300
-
 
 def _where(host: str, ip: str, port: int) -> str:
     """``mx1.example[192.0.2.1]:25`` (Postfix's way), or ``192.0.2.1:25`` when there is no name."""
@@ -86,16 +71,6 @@ def _where(host: str, ip: str, port: int) -> str:
     if host.strip("[]").removeprefix("IPv6:") == ip:
         return f"{address}:{port}"
     return f"{host}[{ip}]:{port}"
-
-
-def _split_hostport(value: str, default_port: int) -> tuple[str, int]:
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    host, sep, port = value.rpartition(":")
-    if sep and port.isdigit() and ":" not in host:
-        return host, int(port)
-    return value, default_port
 
 
 # -- aiosmtplib, sockets, TLS and timeouts → monomail's tree: this is the only place ------
@@ -175,87 +150,6 @@ def _os_reason(exc: OSError) -> str:
     return reason[:1].lower() + reason[1:]
 
 
-# -- DNS (dnspython is mapped in Resolver._query only) --------------------------------------
-
-
-class Resolver:
-    """MX and address lookups with dnspython's async resolver and TTL cache."""
-
-    def __init__(self, nameservers: tuple[str, ...], timeout: float) -> None:
-        if nameservers:
-            r = dns.asyncresolver.Resolver(configure=False)
-            hosts = [_split_hostport(ns, 53) for ns in nameservers]
-            r.nameservers = [h for h, _ in hosts]
-            r.nameserver_ports = {h: p for h, p in hosts}
-        else:
-            r = dns.asyncresolver.Resolver()
-        r.lifetime = timeout
-        r.timeout = timeout
-        r.cache = dns.resolver.Cache()
-        self.r = r
-
-    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
-        """The answer (None for no records). Raises DestinationError."""
-        try:
-            answer = await self.r.resolve(name, rdtype, search=False, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN as exc:
-            raise DestinationError(Reply(550, "5.1.2", f"Domain {name} does not exist (DNS: NXDOMAIN)"),
-                                   f"{name} {rdtype}: NXDOMAIN") from exc
-        except dns.resolver.NoNameservers as exc:
-            # "All nameservers failed to answer the query q: Server ... answered SERVFAIL"
-            why = str(exc).partition(": ")[2] or "no name server answered"
-            raise DestinationError(Reply(451, "4.4.3", f"DNS lookup of {name} {rdtype} failed: {why}"),
-                                   str(exc)) from exc
-        except dns.exception.Timeout as exc:
-            raise DestinationError(Reply(
-                451, "4.4.3", f"DNS lookup of {name} {rdtype} failed: no answer within {self.r.lifetime:g}s"),
-                str(exc)) from exc
-        except dns.exception.DNSException as exc:
-            raise DestinationError(Reply(451, "4.4.3", f"DNS lookup of {name} {rdtype} failed: {exc}"),
-                                   f"{name} {rdtype}: {type(exc).__name__}: {exc}") from exc
-        return answer if answer.rrset is not None else None
-
-    async def mx_hosts(self, domain: str) -> list[str]:
-        """Host names to try, in order (implicit MX when there are none)."""
-        answer = await self._query(domain, "MX")
-        if answer is None:
-            return [domain]
-        if any(r.exchange == dns.name.root for r in answer):
-            raise DestinationError(Reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)"),
-                                   f"{domain} MX: 0 .")
-        records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
-        by_pref: dict[int, list[str]] = defaultdict(list)
-        for pref, host in records:
-            by_pref[pref].append(host.lower())
-        hosts: list[str] = []
-        for pref in sorted(by_pref):
-            group = by_pref[pref]
-            random.shuffle(group)
-            hosts.extend(group)
-        return hosts
-
-    async def addresses(self, host: str) -> list[str]:
-        """A then AAAA addresses of ``host``; [] when it has none. Temporary errors raise."""
-        try:
-            return [str(ipaddress.ip_address(host))]
-        except ValueError:
-            pass
-        results = await asyncio.gather(self._query(host, "A"), self._query(host, "AAAA"), return_exceptions=True)
-        out: list[str] = []
-        temp: DestinationError | None = None
-        for res in results:
-            if isinstance(res, DestinationError):
-                if res.reply.temporary:
-                    temp = res
-            elif isinstance(res, BaseException):
-                raise res
-            elif res is not None:
-                out.extend(r.address for r in res)
-        if not out and temp:
-            raise temp
-        return out
-
-
 # -- SMTP --------------------------------------------------------------------------------
 
 
@@ -290,7 +184,7 @@ class Transport:
     async def _targets(self, domain: str) -> list[tuple[str, str, int]]:
         """(host name, ip, port) in the order to try. Raises DestinationError."""
         if self.rc.smarthost:
-            host, port = _split_hostport(self.rc.smarthost, 25)
+            host, port = split_hostport(self.rc.smarthost, 25)
             names = [host]
         elif domain.startswith("[") and domain.endswith("]"):
             literal = domain[1:-1].removeprefix("IPv6:")

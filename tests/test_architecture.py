@@ -29,7 +29,7 @@ MAX_LINES = 600
 ONE_HOME = {
     "aiosmtpd": "server",
     "aiosmtplib": "remote",
-    "dns": "remote",
+    "dns": "resolver",
     "tomllib": "config",
     "tomli_w": "importer",
 }

@@ -144,7 +144,7 @@ def test_procmail_lockfile_is_honoured_until_removed(tmp_path: Path):
 @pytest.mark.skipif(not shutil.which("lockfile"), reason="procmail's lockfile not installed")
 def test_foreign_lockers_see_our_lock_while_we_hold_it(tmp_path: Path):
     path = tmp_path / "box"
-    with mailstore.locked_mbox(path, 1):
+    with mboxlock.locked_mbox(path, 1):
         assert (tmp_path / "box.lock").read_bytes() == b"monomail 0\n"
         assert subprocess.run(["lockfile", "-r0", str(tmp_path / "box.lock")], timeout=10).returncode != 0
         if shutil.which("dotlockfile"):
@@ -180,11 +180,11 @@ def test_a_dotlock_always_has_its_full_content(tmp_path: Path, how: str):
     path.write_bytes(b"")
     lock = tmp_path / "box.lock"
     body = {
-        "take": "while True:\n    with mailstore.locked_mbox(path, 5):\n        pass\n",
-        "write_dotlock": "with mailstore.locked_mbox(path, 5):\n    n = 0\n    while True:\n"
-                         "        mailstore.write_dotlock(lock, n)\n        n += 1\n",
+        "take": "while True:\n    with mboxlock.locked_mbox(path, 5):\n        pass\n",
+        "write_dotlock": "with mboxlock.locked_mbox(path, 5):\n    n = 0\n    while True:\n"
+                         "        mboxlock.write_dotlock(lock, n)\n        n += 1\n",
     }[how]
-    code = f"import sys\nfrom pathlib import Path\nfrom monomail import mailstore\n" \
+    code = f"import sys\nfrom pathlib import Path\nfrom monomail import mboxlock\n" \
            f"path = Path({str(path)!r})\nlock = Path({str(lock)!r})\nprint('go', flush=True)\n{body}"
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE)
     try:
@@ -211,7 +211,7 @@ while True:
     n += 1
     body = b"".join(b"line %d of message %d %s\\n" % (i, n, b"x" * 60) for i in range(200))
     mailstore.deliver_mbox(path, [("w@x", 0.0, [b"Subject: w%d\\nX-Lines: 200\\n\\n" % n, body])], 10)
-    with mailstore.locked_mbox(path, 10):
+    with mboxlock.locked_mbox(path, 10):
         pass
 """
 
@@ -288,11 +288,11 @@ def test_write_dotlock_on_a_full_disk_keeps_the_old_record(tmp_path: Path):
     with small_tmpfs(tmp_path / "small") as disk:
         path = disk / "box"
         lock = disk / "box.lock"
-        with mailstore.locked_mbox(path, 1):
+        with mboxlock.locked_mbox(path, 1):
             fill(disk)
             before = open_fds()
             with contextlib.suppress(OSError):
-                mailstore.write_dotlock(lock, 12345)
+                mboxlock.write_dotlock(lock, 12345)
             assert lock.read_bytes() in (b"monomail 0\n", b"monomail 12345\n")
             assert open_fds() <= before  # none leaked
         assert not lock.exists()
@@ -341,7 +341,7 @@ def test_closing_another_fd_of_the_mbox_keeps_our_fcntl_lock(tmp_path: Path):
     or procmail could write while we do. Our lock belongs to our fd."""
     path = tmp_path / "box"
     deliver(path, timeout=1)
-    with mailstore.locked_mbox(path, 1):
+    with mboxlock.locked_mbox(path, 1):
         assert fcntl_lock_seen_by_another_process(path)
         with open(path, "rb") as other:  # e.g. a mailbox.mbox() read elsewhere in the process
             other.read()
@@ -359,7 +359,7 @@ def test_a_second_path_to_the_same_mbox_in_one_process_waits(tmp_path: Path):
     deliver(path, timeout=1)
     good = path.read_bytes()
     result: list[BaseException | None] = []
-    with mailstore.locked_mbox(path, 1) as fd:
+    with mboxlock.locked_mbox(path, 1) as fd:
         os.write(fd, b"From a@x Thu Jan  1 00:00:00 1970\nSubject: in progress\n")
 
         def other() -> None:

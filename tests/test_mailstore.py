@@ -92,8 +92,8 @@ def test_writer_killed_mid_write_leaves_nothing_half_written(tmp_path: Path):
         [sys.executable, "-c", textwrap.dedent(f"""
             import os, signal
             from pathlib import Path
-            from monomail import mailstore
-            with mailstore.locked_mbox(Path({str(path)!r}), 1) as fd:
+            from monomail import mboxlock
+            with mboxlock.locked_mbox(Path({str(path)!r}), 1) as fd:
                 os.write(fd, b"From half@x Thu Jan  1 00:00:00 1970\\nSubject: half\\n\\npartial bo")
                 os.kill(os.getpid(), signal.SIGKILL)
         """)], cwd=Path(__file__).resolve().parent.parent, timeout=30,
@@ -108,8 +108,8 @@ def test_writer_killed_mid_write_leaves_nothing_half_written(tmp_path: Path):
     subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
             import os, signal
             from pathlib import Path
-            from monomail import mailstore
-            with mailstore.locked_mbox(Path({str(path)!r}), 1) as fd:
+            from monomail import mboxlock
+            with mboxlock.locked_mbox(Path({str(path)!r}), 1) as fd:
                 os.write(fd, b"From half@x Thu Jan  1 00:00:00 1970\\nSubject: half\\n")
                 os.kill(os.getpid(), signal.SIGKILL)
         """)], cwd=Path(__file__).resolve().parent.parent, timeout=30)
