@@ -11,11 +11,10 @@ Job: pure code over raw message bytes (no I/O).
   is done per block of complete lines with bytes methods (C speed), so what a caller
   does per feed is bounded whatever the message's size (DESIGN invariant 9); only the
   final `Content.join` is proportional to the size, and the SMTP face runs it in a
-  worker thread. `canonicalize` is the same check for content already in hand.
+  worker thread.
 - `received_header` builds our ``Received:`` field (RFC 5321 §4.4); client-supplied
   words (the HELO name) are reduced to a safe alphabet before they reach a header.
 - `split_header` is the one header-section splitter (``header_fields`` lists its fields).
-- `count_received` feeds the loop guard (RFC 5321 §6.3).
 - `delivery_headers` gives ``Return-Path`` (RFC 5321 §4.4) and ``Delivered-To`` for a
   final delivery.
 """
@@ -36,7 +35,6 @@ NUL_BYTE = Reply(554, "5.6.0", "Message contains a NUL byte")
 LINE_TOO_LONG = Reply(554, "5.6.0", "Message has a line longer than 998 characters")
 LOOP = Reply(554, "5.4.6", "Too many Received headers: mail loop suspected")
 
-_RECEIVED = re.compile(rb"^Received:", re.IGNORECASE | re.MULTILINE)
 _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 §2.2 field name, then ":"
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
 
@@ -174,15 +172,6 @@ class Content:
             pos = stop
 
 
-def canonicalize(content: bytes) -> bytes:
-    """Check DATA content already in hand (dot-stuffing removed, CRLF endings) and
-    return it with LF endings; `ReplyError` with a 5xx if it is refused."""
-    checked = Content(len(content), dot_stuffed=False)
-    checked.feed(content)
-    checked.finish()
-    return checked.join()
-
-
 def split_header(data: bytes) -> tuple[bytes, bytes]:
     """(header section, body) of an LF-ended message: the one header-section splitter.
 
@@ -217,10 +206,6 @@ def header_fields(section: bytes) -> list[bytes]:
 def header_block(data: bytes) -> bytes:
     """The header section of an LF-ended message (`split_header`'s first part)."""
     return split_header(data)[0]
-
-
-def count_received(data: bytes) -> int:
-    return len(_RECEIVED.findall(header_block(data)))
 
 
 def safe_word(text: str, limit: int = 128) -> str:

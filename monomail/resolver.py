@@ -25,7 +25,6 @@ from collections import defaultdict
 import dns.asyncresolver
 import dns.exception
 import dns.name
-import dns.rdatatype
 import dns.resolver
 
 from .errors import DestinationError, Reply

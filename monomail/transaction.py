@@ -45,6 +45,7 @@ from .errors import (
     OK,
     RCPT_OK,
     SENDER_OK,
+    SYNTAX_ERROR,
     TOO_MANY_RECIPIENTS,
     ProtocolError,
     Reply,
@@ -103,7 +104,6 @@ OUT_OF_SEQUENCE: dict[tuple[State, str], Reply] = {
 }
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 
-SYNTAX_ERROR = Reply(500, "5.5.2", "Syntax error")
 COMMAND_TOO_LONG = Reply(500, "5.5.2", "Command line too long")
 UNRECOGNIZED = Reply(500, "5.5.1", "Command not recognized")
 TOO_MANY_UNRECOGNIZED = Reply(421, "4.7.0", "Too many unrecognized commands, closing connection")

@@ -10,7 +10,7 @@ from conftest import base_config
 from monomail import config as config_mod
 from monomail.envelope import Address, parse_path
 from monomail.errors import AddressError, ReplyError, RouteError
-from monomail.message import canonicalize, count_received
+from monomail.message import Content
 from monomail.policy import check_recipient, is_trusted
 from monomail.router import Mailbox, Remote, resolve
 
@@ -119,6 +119,22 @@ def test_parse_path_refusals(arg, code):
 def test_utf8_address_with_smtputf8():
     addr, _ = parse_path("<j\u00f6rg@b\u00fccher.test> SMTPUTF8")
     assert addr.local == "j\u00f6rg" and addr.domain == "b\u00fccher.test"
+
+
+def canonicalize(content: bytes) -> bytes:
+    """DATA content already in hand (dot-stuffing removed, CRLF endings), checked."""
+    checked = Content(len(content), dot_stuffed=False)
+    checked.feed(content)
+    checked.finish()
+    return checked.join()
+
+
+def count_received(data: bytes) -> int:
+    """The loop guard's count of Received fields in the header section."""
+    checked = Content(len(data), strict=False, dot_stuffed=False)
+    checked.feed(data)
+    checked.finish()
+    return checked.received
 
 
 def test_canonicalize_rejects_what_can_smuggle():
