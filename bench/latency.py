@@ -41,11 +41,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,25 +113,24 @@ class Phase:
     server_cpu: float = float("nan")  # percent of one core
 
 
-async def small_session(n: int, port: int, size: int, tag: str, stop: asyncio.Event, phase: Phase) -> None:
-    """Send small messages over one connection until ``stop``; time each transaction."""
+Transaction = Callable[[Client], Awaitable[None]]
+
+
+async def session(port: int, stop: asyncio.Event, phase: Phase, transaction: Transaction,
+                  failed: Callable[[str], None]) -> None:
+    """Run ``transaction`` over one connection until ``stop`` (reconnecting after an error,
+    whose description goes to ``failed``); the transaction in flight is finished."""
     client: Client | None = None
-    i = 0
     try:
         while not stop.is_set():
-            payload = small_message(n * 1_000_000 + i, size, tag)
-            i += 1
             try:
                 async with asyncio.timeout(REPLY_TIMEOUT):
                     if client is None:
                         client = Client(HOST, port)
                         await client.open()
-                    t0 = time.perf_counter()
-                    await client.send([RECIPIENT], payload)
-                    phase.latencies.append(time.perf_counter() - t0)
-                    phase.ok += 1
+                    await transaction(client)
             except ERRORS as exc:
-                phase.failures[describe(client.stage if client else "connect", exc, REPLY_TIMEOUT)] += 1
+                failed(describe(client.stage if client else "connect", exc, REPLY_TIMEOUT))
                 if client is not None:
                     await client.close()
                 client = None
@@ -142,42 +143,43 @@ async def small_session(n: int, port: int, size: int, tag: str, stop: asyncio.Ev
     finally:
         if client is not None:
             await client.close()
+
+
+async def small_session(n: int, port: int, size: int, tag: str, stop: asyncio.Event, phase: Phase) -> None:
+    """Send small messages over one connection until ``stop``; time each transaction."""
+    count = itertools.count()
+
+    async def one(client: Client) -> None:
+        payload = small_message(n * 1_000_000 + next(count), size, tag)
+        t0 = time.perf_counter()
+        await client.send([RECIPIENT], payload)
+        phase.latencies.append(time.perf_counter() - t0)
+        phase.ok += 1
+
+    def failed(text: str) -> None:
+        phase.failures[text] += 1
+
+    await session(port, stop, phase, one, failed)
 
 
 async def big_session(port: int, payload: bytes, stop: asyncio.Event, phase: Phase) -> None:
     """Stream the big message back to back until ``stop``; the transfer in flight is finished."""
-    client: Client | None = None
-    try:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                async with asyncio.timeout(REPLY_TIMEOUT):
-                    if client is None:
-                        client = Client(HOST, port)
-                        await client.open()
-                    t0 = time.perf_counter()
-                    await client.command("MAIL", b"MAIL FROM:<big-sender@client.example.net>\r\n", 2)
-                    await client.command("RCPT", b"RCPT TO:<" + RECIPIENT.encode() + b">\r\n", 2)
-                    await client.command("DATA", b"DATA\r\n", 3)
-                    reply = await client.stream("message", payload, 2, BIG_CHUNK)
-                phase.big.append({"seconds": round(time.perf_counter() - t0, 3),
-                                  "reply": reply.decode("ascii", "replace").strip(), "ok": True})
-            except ERRORS as exc:
-                text = describe(client.stage if client else "connect", exc, REPLY_TIMEOUT)
-                phase.big.append({"seconds": round(time.perf_counter() - t0, 3), "reply": text, "ok": False})
-                phase.failures[f"big: {text}"] += 1
-                if client is not None:
-                    await client.close()
-                client = None
-                await asyncio.sleep(0.1)
-        if client is not None:
-            async with asyncio.timeout(10):
-                await client.quit()
-    except ERRORS:
-        pass
-    finally:
-        if client is not None:
-            await client.close()
+    started = [time.perf_counter()]
+
+    async def one(client: Client) -> None:
+        started[0] = time.perf_counter()
+        await client.command("MAIL", b"MAIL FROM:<big-sender@client.example.net>\r\n", 2)
+        await client.command("RCPT", b"RCPT TO:<" + RECIPIENT.encode() + b">\r\n", 2)
+        await client.command("DATA", b"DATA\r\n", 3)
+        reply = await client.stream("message", payload, 2, BIG_CHUNK)
+        phase.big.append({"seconds": round(time.perf_counter() - started[0], 3),
+                          "reply": reply.decode("ascii", "replace").strip(), "ok": True})
+
+    def failed(text: str) -> None:
+        phase.big.append({"seconds": round(time.perf_counter() - started[0], 3), "reply": text, "ok": False})
+        phase.failures[f"big: {text}"] += 1
+
+    await session(port, stop, phase, one, failed)
 
 
 async def run_phase(name: str, port: int, server_pid: int, args: argparse.Namespace, seconds: float,
