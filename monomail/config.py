@@ -46,17 +46,19 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from . import configkeys as keys
 from .addrlist import parse_special
+from .configkeys import Table, parse_duration
 from .errors import ConfigError
 from .settings import (
     MAILBOX_FORMATS,
     AliasTargets,
+    AuthConfig,
     Config,
     Discard,
     DNSConfig,
     FiltersConfig,
     Forward,
-    Listen,
     LocalConfig,
     LogConfig,
     MailingList,
@@ -65,126 +67,17 @@ from .settings import (
     Refusal,
     RemoteConfig,
     ServerConfig,
+    SubmissionConfig,
+    TLSConfig,
     User,
 )
 
 # A user name becomes a path component under mail_dir, so it is held to a safe alphabet.
 _USER_NAME = re.compile(r"[a-z0-9_][a-z0-9._\-]*\Z")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\Z")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
 
-def parse_duration(value: object, key: str) -> float:
-    """``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``, or a number of seconds."""
-    if isinstance(value, bool):
-        raise ConfigError(key, f"expected a duration such as \"30s\", got {value!r}")
-    if isinstance(value, int | float) and value >= 0:
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value.strip())
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ConfigError(key, f"expected a duration such as \"30s\", \"5m\", \"4h\", got {value!r}")
-
-
-class _Table:
-    """One TOML table being read: typed getters that remember which keys were used."""
-
-    def __init__(self, data: object, path: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(path, f"expected a table, got {type(data).__name__}")
-        self.data: dict[str, Any] = data
-        self.path = path
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def get(self, name: str, default: Any) -> Any:
-        self.used.add(name)
-        return self.data.get(name, default)
-
-    def string(self, name: str, default: str, choices: tuple[str, ...] = ()) -> str:
-        value = self.get(name, default)
-        if not isinstance(value, str):
-            raise ConfigError(self.key(name), f"expected a string, got {value!r}")
-        if choices and value not in choices:
-            raise ConfigError(self.key(name), f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-
-    def integer(self, name: str, default: int, minimum: int = 0) -> int:
-        value = self.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.key(name), f"expected an integer, got {value!r}")
-        if value < minimum:
-            raise ConfigError(self.key(name), f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.get(name, default)
-        if not isinstance(value, bool):
-            raise ConfigError(self.key(name), f"expected true or false, got {value!r}")
-        return value
-
-    def strings(self, name: str, default: list[str]) -> list[str]:
-        value = self.get(name, default)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(self.key(name), f"expected a list of strings, got {value!r}")
-        return value
-
-    def duration(self, name: str, default: str) -> float:
-        return parse_duration(self.get(name, default), self.key(name))
-
-    def path_(self, name: str, default: str, base: Path) -> Path:
-        return (base / self.string(name, default)).resolve()
-
-    def optional_path(self, name: str, base: Path) -> Path | None:
-        """The key's path resolved against ``base``; None when the key is absent."""
-        value = self.get(name, None)
-        if value is None:
-            return None
-        if not (isinstance(value, str) and value):
-            raise ConfigError(self.key(name), f"expected a non-empty string, got {value!r}")
-        return (base / value).resolve()
-
-    def table(self, name: str) -> _Table:
-        return _Table(self.get(name, {}), self.key(name))
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(self.key(unknown[0]), "unknown key")
-
-
-def _listen(value: str, key: str) -> Listen:
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
-    if not m:
-        raise ConfigError(key, f"expected \"host:port\" or \"[v6addr]:port\", got {value!r}")
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if not 0 <= port < 65536:  # 0: any free port (tests)
-        raise ConfigError(key, f"port out of range in {value!r}")
-    return Listen(host, port)
-
-
-def _network(value: str, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    try:
-        return ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ConfigError(key, f"expected a network such as \"10.0.0.0/8\", got {value!r}") from None
-
-
-def _domain(value: str, key: str) -> str:
-    d = value.strip().rstrip(".").lower()
-    if not d or not re.fullmatch(r"[a-z0-9_\-.\x80-\U0010ffff]+", d) or ".." in d:
-        raise ConfigError(key, f"expected a domain name, got {value!r}")
-    return d
-
-
-def _server(t: _Table, base: Path) -> ServerConfig:
-    listen = tuple(_listen(v, t.key("listen")) for v in t.strings("listen", ["127.0.0.1:2525"]))
+def _server(t: Table, base: Path) -> ServerConfig:
+    listen = tuple(keys.listen(v, t.key("listen")) for v in t.strings("listen", ["127.0.0.1:2525"]))
     if not listen:
         raise ConfigError(t.key("listen"), "expected at least one address")
     cfg = ServerConfig(
@@ -195,18 +88,22 @@ def _server(t: _Table, base: Path) -> ServerConfig:
         max_connections=t.integer("max_connections", 100, minimum=1),
         max_received_headers=t.integer("max_received_headers", 50, minimum=1),
         trusted_networks=tuple(
-            _network(v, t.key("trusted_networks"))
+            keys.network(v, t.key("trusted_networks"))
             for v in t.strings("trusted_networks", ["127.0.0.0/8", "::1/128"])
         ),
         timeout=t.duration("timeout", "5m"),
         shutdown_grace=t.duration("shutdown_grace", "10s"),
+        max_connections_per_ip=t.integer("max_connections_per_ip", 10, minimum=1),
+        max_errors=t.integer("max_errors", 10, minimum=1),
+        command_timeout=t.duration("command_timeout", "5m"),
+        data_timeout=t.duration("data_timeout", "10m"),
     )
     t.finish()
     return cfg
 
 
-def _local(t: _Table, base: Path) -> LocalConfig:
-    domains = [_domain(d, t.key("domains")) for d in t.strings("domains", ["localhost"])]
+def _local(t: Table, base: Path) -> LocalConfig:
+    domains = [keys.domain(d, t.key("domains")) for d in t.strings("domains", ["localhost"])]
     if not domains:
         raise ConfigError(t.key("domains"), "expected at least one domain")
     delimiter = t.string("recipient_delimiter", "+")
@@ -225,7 +122,7 @@ def _local(t: _Table, base: Path) -> LocalConfig:
     return cfg
 
 
-def _users(t: _Table, local: LocalConfig, base: Path) -> dict[str, User]:
+def _users(t: Table, local: LocalConfig, base: Path) -> dict[str, User]:
     users: dict[str, User] = {}
     for raw in list(t.data):
         name = raw.lower()
@@ -239,9 +136,18 @@ def _users(t: _Table, local: LocalConfig, base: Path) -> dict[str, User]:
         path = u.optional_path("path", base) or local.mail_dir / name
         home = u.optional_path("home", base) or (path if fmt == "maildir" else path.with_name(f".{name}"))
         recipes = u.optional_path("recipes", base) or home / ".procmailrc"
+        senders = tuple(_sender(v, u.key("senders")) for v in u.strings("senders", []))
         u.finish()
-        users[name] = User(name, fmt, path, home, recipes)
+        users[name] = User(name, fmt, path, home, recipes, senders)
     return users
+
+
+def _sender(value: str, key: str) -> str:
+    """One ``senders`` entry: ``local@domain`` (lower-case domain) or ``@domain``."""
+    local, at, domain = value.strip().rpartition("@")
+    if not at or (local and not re.fullmatch(r"[^\s@<>(),;:\\\"]+", local)):
+        raise ConfigError(key, f"expected \"user@domain\" or \"@domain\", got {value!r}")
+    return f"{local}@{keys.domain(domain, key)}"
 
 
 def _alias_targets(key: str, targets: list[str], names: set[str] | None) -> AliasTargets:
@@ -267,7 +173,7 @@ def _alias_targets(key: str, targets: list[str], names: set[str] | None) -> Alia
     return _check_targets(key, targets, names) if names is not None else tuple(x.strip() for x in targets)
 
 
-def _aliases(t: _Table, users: Mapping[str, User]) -> tuple[dict[str, AliasTargets], list[str]]:
+def _aliases(t: Table, users: Mapping[str, User]) -> tuple[dict[str, AliasTargets], list[str]]:
     aliases: dict[str, AliasTargets] = {}
     for raw in list(t.data):
         aliases[raw.lower()] = _alias_targets(t.key(raw), t.strings(raw, []), None)
@@ -319,10 +225,10 @@ def _check_targets(key: str, targets: Sequence[str], names: set[str]) -> tuple[s
     return tuple(x.strip() for x in targets)
 
 
-def _virtual(t: _Table, local: LocalConfig, names: set[str]) -> dict[str, dict[str, AliasTargets]]:
+def _virtual(t: Table, local: LocalConfig, names: set[str]) -> dict[str, dict[str, AliasTargets]]:
     out: dict[str, dict[str, AliasTargets]] = {}
     for raw in list(t.data):
-        domain = _domain(raw, t.key(raw))
+        domain = keys.domain(raw, t.key(raw))
         if domain in local.domains:
             raise ConfigError(t.key(raw), "a virtual domain must not also be in local.domains")
         table = t.table(raw)
@@ -331,7 +237,7 @@ def _virtual(t: _Table, local: LocalConfig, names: set[str]) -> dict[str, dict[s
     return out
 
 
-def _forward(t: _Table, users: Mapping[str, User], names: set[str]) -> dict[str, Forward]:
+def _forward(t: Table, users: Mapping[str, User], names: set[str]) -> dict[str, Forward]:
     out: dict[str, Forward] = {}
     for raw in list(t.data):
         name = raw.lower()
@@ -340,7 +246,7 @@ def _forward(t: _Table, users: Mapping[str, User], names: set[str]) -> dict[str,
         value = t.get(raw, None)
         if isinstance(value, list | str):
             value = {"to": value}
-        f = _Table(value, t.key(raw))
+        f = Table(value, t.key(raw))
         to = f.strings("to", [])
         if not to:
             raise ConfigError(f.key("to"), "expected at least one address")
@@ -349,7 +255,7 @@ def _forward(t: _Table, users: Mapping[str, User], names: set[str]) -> dict[str,
     return out
 
 
-def _lists(t: _Table, local: LocalConfig, virtual: Mapping[str, object], names: set[str],
+def _lists(t: Table, local: LocalConfig, virtual: Mapping[str, object], names: set[str],
            base: Path) -> dict[str, MailingList]:
     out: dict[str, MailingList] = {}
     for raw in list(t.data):
@@ -383,14 +289,14 @@ def _lists(t: _Table, local: LocalConfig, virtual: Mapping[str, object], names: 
     return out
 
 
-def _masquerade(t: _Table) -> Masquerade:
-    domains = tuple(_domain(d, t.key("domains")) for d in t.strings("domains", []))
+def _masquerade(t: Table) -> Masquerade:
+    domains = tuple(keys.domain(d, t.key("domains")) for d in t.strings("domains", []))
     m = Masquerade(domains, frozenset(e.lower() for e in t.strings("exceptions", [])))
     t.finish()
     return m
 
 
-def _queue(t: _Table) -> QueueConfig:
+def _queue(t: Table) -> QueueConfig:
     retry = tuple(parse_duration(v, t.key("retry")) for v in t.get("retry", ["1m", "5m", "15m", "30m", "1h"]))
     if not retry or min(retry) <= 0:
         raise ConfigError(t.key("retry"), "expected a non-empty list of positive durations")
@@ -404,7 +310,7 @@ def _queue(t: _Table) -> QueueConfig:
     return cfg
 
 
-def _dns(t: _Table) -> DNSConfig:
+def _dns(t: Table) -> DNSConfig:
     servers = t.strings("nameservers", [])
     for ns in servers:
         host = ns[1:].partition("]")[0] if ns.startswith("[") else ns.rpartition(":")[0] if ns.count(":") == 1 else ns
@@ -417,7 +323,7 @@ def _dns(t: _Table) -> DNSConfig:
     return cfg
 
 
-def _remote(t: _Table) -> RemoteConfig:
+def _remote(t: Table) -> RemoteConfig:
     smarthost = t.string("smarthost", "")
     if smarthost and not re.fullmatch(r"\[[0-9A-Fa-f:.]+\](:\d+)?|[A-Za-z0-9.\-]+(:\d+)?", smarthost):
         raise ConfigError(t.key("smarthost"), f"expected \"host:port\", got {smarthost!r}")
@@ -441,7 +347,42 @@ def _remote(t: _Table) -> RemoteConfig:
     return cfg
 
 
-def _log(t: _Table, base: Path) -> LogConfig:
+def _tls(t: Table, base: Path) -> TLSConfig:
+    cert, key = t.string("cert", ""), t.string("key", "")
+    if key and not cert:
+        raise ConfigError(t.key("cert"), "a key without a certificate: set cert too")
+    t.finish()
+    return TLSConfig((base / cert).resolve() if cert else None,
+                     (base / (key or cert)).resolve() if cert else None)
+
+
+def _submission(t: Table, tls: TLSConfig) -> SubmissionConfig:
+    cfg = SubmissionConfig(
+        listen=tuple(keys.listen(v, t.key("listen")) for v in t.strings("listen", [])),
+        listen_tls=tuple(keys.listen(v, t.key("listen_tls")) for v in t.strings("listen_tls", [])),
+    )
+    for name, value in (("listen", cfg.listen), ("listen_tls", cfg.listen_tls)):
+        if value and not tls.enabled:
+            raise ConfigError(t.key(name), "submission needs TLS: set tls.cert and tls.key")
+    t.finish()
+    return cfg
+
+
+def _auth(t: Table, base: Path) -> AuthConfig:
+    dovecot = t.string("dovecot", "")
+    socket_path = dovecot.removeprefix("dovecot:")
+    if dovecot and not socket_path:
+        raise ConfigError(t.key("dovecot"), "expected \"dovecot:/path/to/auth-client\"")
+    cfg = AuthConfig(
+        password_file=t.path_("password_file", "passwords", base),
+        dovecot=(base / socket_path).resolve() if socket_path else None,
+        auth_failures=t.integer("auth_failures", 5, minimum=1),
+    )
+    t.finish()
+    return cfg
+
+
+def _log(t: Table, base: Path) -> LogConfig:
     level = t.string("level", "info", ("debug", "info", "warning", "error"))
     file = t.string("file", "")
     t.finish()
@@ -451,7 +392,7 @@ def _log(t: _Table, base: Path) -> LogConfig:
 def parse(data: dict[str, Any], path: Path) -> Config:
     """Build a `Config` from an already-decoded TOML table; ``path`` anchors relative paths."""
     base = path.parent
-    top = _Table(data, "")
+    top = Table(data, "")
     hostname = top.string("hostname", socket.gethostname())
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.\-]*", hostname):
         raise ConfigError("hostname", f"expected a host name, got {hostname!r}")
@@ -489,6 +430,9 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     dns = _dns(top.table("dns"))
     remote = _remote(top.table("remote"))
     log = _log(top.table("log"), base)
+    tls = _tls(top.table("tls"), base)
+    submission = _submission(top.table("submission"), tls)
+    auth = _auth(top.table("auth"), base)
     top.finish()
     return Config(
         path=path,
@@ -507,6 +451,9 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         dns=dns,
         remote=remote,
         log=log,
+        tls=tls,
+        submission=submission,
+        auth=auth,
         warnings=tuple(warnings),
     )
 

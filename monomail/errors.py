@@ -17,6 +17,7 @@ The tree (httpx's ``_exceptions.py`` is the model: every class here, drawn once)
     │   ├── AddressError          a MAIL/RCPT path that does not parse (5.1.3 / 5.1.7 / 5.5.4)
     │   ├── RouteError            a recipient we will not take (5.1.1 unknown, 5.7.1 relay, 5.4.6 loop)
     │   ├── ProtocolError         an SMTP command that is refused (bad sequence, bad parameter)
+    │   ├── AuthUnavailable       the password backend cannot answer now (454 4.7.0)
     │   └── DeliveryError         a transport could not deliver; the reply says for how long
     │       ├── MailboxLocked     an mbox stayed locked for the whole lock timeout (4.2.0)
     │       ├── DestinationError  no host to try for a domain (DNS: 5.1.2, 5.1.10, 4.4.3)
@@ -119,6 +120,13 @@ class ProtocolError(ReplyError):
     """An SMTP command refused by the transaction core (sequence, syntax, parameters)."""
 
 
+class AuthUnavailable(ReplyError):
+    """The password backend (the password file, Dovecot's auth service) cannot answer now."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(AUTH_UNAVAILABLE, detail)
+
+
 class DeliveryError(ReplyError):
     """A transport could not deliver; ``reply.temporary`` says whether to retry."""
 
@@ -137,6 +145,7 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BAD_ADDRESS = Reply(553, "5.1.3", "Bad address syntax")
+AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 
 
 class MailboxLocked(DeliveryError):

@@ -35,8 +35,12 @@ class ServerConfig:
     max_connections: int
     max_received_headers: int
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    timeout: float
+    timeout: float  # idle: no byte from the client for this long closes the session
     shutdown_grace: float
+    max_connections_per_ip: int  # per client address (IPv6: per /64); trusted networks exempt
+    max_errors: int  # 4xx/5xx replies in one session before 421 and close
+    command_timeout: float  # one whole command line (or AUTH response line)
+    data_timeout: float  # the whole DATA phase, 354 to the end-of-data line
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,7 @@ class User:
     path: Path
     home: Path  # $HOME for recipes: the Maildir folder, or <mail_dir>/.<user> for mbox users
     recipes: Path  # the user's procmail-style recipe file (default <home>/.procmailrc)
+    senders: tuple[str, ...] = ()  # more addresses the user may send as ("@shop.test": the domain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +162,29 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert: Path | None  # the PEM chain (certbot's fullchain.pem); None: no TLS at all
+    key: Path | None  # the PEM private key (certbot's privkey.pem); the cert file when unset
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionConfig:
+    listen: tuple[Listen, ...]  # RFC 6409 submission: STARTTLS, then AUTH (port 587)
+    listen_tls: tuple[Listen, ...]  # RFC 8314 implicit TLS, then AUTH (port 465)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    password_file: Path  # user:hash lines (`monomail passwd`)
+    dovecot: Path | None  # Dovecot's auth-client socket, used instead of the file
+    auth_failures: int  # failures per client address per `FAILURE_WINDOW` before 421
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
     file: Path | None
@@ -180,4 +208,7 @@ class Config:
     dns: DNSConfig
     remote: RemoteConfig
     log: LogConfig
+    tls: TLSConfig = TLSConfig(None, None)
+    submission: SubmissionConfig = SubmissionConfig((), ())
+    auth: AuthConfig = AuthConfig(Path("passwords"), None, 5)
     warnings: tuple[str, ...] = field(default=(), compare=False)
