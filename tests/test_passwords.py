@@ -218,12 +218,12 @@ def test_passwd_from_a_pipe_sets_a_password_the_file_accepts(tmp_path: Path):
     config = write_config(tmp_path)
     path = tmp_path / "passwords"  # the default: next to the config file
     path.write_text(f"# kept\nbob:{PASSLIB_LN12}\n")
-    out = passwd(config, "Alice", b"s3cr\xc3\xa9t pass\r\nsecond line\n")
+    out = passwd(config, "Alice", b" s3cr\xc3\xa9t pass \r\nsecond line\n")  # only CR LF stripped
     assert (out.returncode, out.stdout, out.stderr) == (0, b"password set for alice\n", b"")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text().startswith(f"# kept\nbob:{PASSLIB_LN12}\nalice:$scrypt$")
     pf = PasswordFile(path)
-    assert pf.check("alice", "s3crét pass".encode()) and not pf.check("alice", b"second line")
+    assert pf.check("alice", " s3crét pass ".encode()) and not pf.check("alice", "s3crét pass".encode())
     before = path.read_text().splitlines()
     assert passwd(config, "alice", b"other").returncode == 0  # no newline at the end: fine
     after = path.read_text().splitlines()
