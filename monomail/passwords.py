@@ -234,8 +234,10 @@ def set_password(path: Path, user: str, password: bytes) -> None:
 
     Every other line, comments included, stays as it was; the user's line (the first, if
     named twice) is replaced where it is, or appended. The file gets mode 0600 and keeps its
-    owner when we may give it back. Concurrent calls are serialised (``flock`` on the folder).
+    owner when we may give it back. A symbolic link is followed: its target is rewritten.
+    Concurrent calls are serialised (``flock`` on the folder).
     """
+    path = path.resolve()
     user = user.lower()
     if not _USER.fullmatch(user):
         raise ValueError(f"not a user name for the password file: {user!r}")

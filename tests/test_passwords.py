@@ -191,6 +191,16 @@ def test_set_password_keeps_other_lines_and_replaces_in_place(tmp_path: Path):
         set_password(path, "al:ice", b"x")
 
 
+def test_set_password_through_a_symlink_rewrites_its_target(tmp_path: Path):
+    (tmp_path / "etc").mkdir()
+    target = tmp_path / "etc" / "passwords"
+    target.write_text("# managed elsewhere\n")
+    (tmp_path / "passwords").symlink_to(target)
+    set_password(tmp_path / "passwords", "alice", b"pw")
+    assert (tmp_path / "passwords").is_symlink()
+    assert PasswordFile(tmp_path / "passwords").check("alice", b"pw") and PasswordFile(target).check("alice", b"pw")
+
+
 def test_set_password_creates_the_file_mode_0600(tmp_path: Path):
     path = tmp_path / "passwords"
     old = os.umask(0)
