@@ -31,10 +31,11 @@ the reply that reaches it is followed by a 421 4.7.0 reply and the end of the se
 TLS and authentication, as the face set the session up (``tls``: STARTTLS can be
 offered; ``submission``: a submission port, where AUTH is offered over TLS only and
 required before MAIL): STARTTLS (RFC 3207) outside a transaction is `Next.STARTTLS`
-(the face's TLS layer writes the 220 and does the handshake); after the handshake the face calls `Transaction.tls_started` and the
-session starts again from the greeting state (§4.2: nothing said before counts). AUTH
-(RFC 4954) takes PLAIN and LOGIN; its exchange and the password check are the face's
-(`Next.AUTH`, then `Transaction.authenticated` or `Transaction.answer`). Before TLS,
+(the face's TLS layer writes the 220 and does the handshake); after the handshake
+the face calls `Transaction.tls_started` and the session starts again from the
+greeting state (§4.2: nothing said before counts). AUTH (RFC 4954) takes PLAIN and
+LOGIN; its exchange and the password check are the face's (`Next.AUTH`, then
+`Transaction.authenticated` or `Transaction.answer`). Before TLS,
 AUTH gets 538 5.7.11; MAIL before AUTH on a submission port 530 5.7.0. An
 authenticated user may send only as an address ``owner`` says is theirs: MAIL FROM
 553 5.7.1, a From field 550 5.7.1 (RFC 6409 §4.1, as Postfix's

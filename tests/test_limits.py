@@ -7,7 +7,6 @@ import asyncio
 import smtplib
 import socket
 import time
-from typing import Any
 
 import pytest
 from conftest import wait_until
