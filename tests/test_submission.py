@@ -255,6 +255,8 @@ def test_an_authenticated_user_sends_only_as_her_own_addresses(submit_server, dn
         smtp.sendmail("al@example.test", ["friend@remote.test"], message(sender='"Al" <al@example.test>'))
     wait_until(lambda: len(peer.received) == 1)
     assert peer.received[0].mail_from == "al@example.test"
+    head = peer.received[0].data.split(b"\r\n\r\n", 1)[0]
+    assert b"with ESMTPSA id" in head and b"(using TLSv1." in head  # 465: implicit TLS is TLS too
 
 
 # -- acceptance 6 (first half): what submitted mail carries ---------------------------------
@@ -405,3 +407,30 @@ def test_dovecot_backend_authenticates_relays_and_blocks(serve, tmp_path, dns, p
                 smtp.starttls(context=client_context())
             smtp.ehlo("laptop.test")
             assert login_plain(smtp)[0] == 421
+
+
+def test_bad_auth_exchanges_get_clear_answers_and_the_session_goes_on(submit_server):
+    server = submit_server()
+    with connect(server, "submissions") as smtp:
+        smtp.ehlo("laptop.test")
+        assert smtp.docmd("AUTH", "CRAM-MD5")[:1] == (504,)
+        assert smtp.docmd("AUTH")[:1] == (501,)
+        assert smtp.docmd("AUTH", "PLAIN !!!notbase64")[:1] == (501,)
+        assert smtp.docmd("AUTH", "PLAIN " + base64.b64encode(b"no nul bytes").decode())[:1] == (501,)
+        assert smtp.docmd("AUTH", "LOGIN")[0] == 334
+        assert smtp.docmd("*")[:1] == (501,)  # the client cancels (RFC 4954 §4)
+        assert smtp.docmd("AUTH", "PLAIN")[0] == 334
+        assert smtp.docmd("A" * 3000)[0] in (500, 501)  # an over-long response line
+        smtp.rset()
+        assert login_plain(smtp)[0] == 235
+        smtp.sendmail("alice@example.test", ["carol@example.test"], message())
+    wait_until(lambda: len(maildir(server, "carol")) == 1)
+
+
+def test_dovecot_down_is_a_temporary_failure(serve, tmp_path):
+    server = serve(**submission_overrides(tmp_path, auth={"dovecot": f"dovecot:{tmp_path / 'no-such-socket'}"}))
+    with connect(server, "submissions") as smtp:
+        smtp.ehlo("laptop.test")
+        code, text = login_plain(smtp)
+        assert (code, text[:5]) == (454, b"4.7.0")
+        assert smtp.noop()[0] == 250  # not counted as a password failure, not closed
