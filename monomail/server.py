@@ -245,6 +245,7 @@ class Session(SMTP):
             cause = exc.__cause__ or exc
             log.info("TLS handshake failed client=[%s]: %s", self.peer_ip, maillog.printable(repr(cause)))
             self.hang_up()
+            self.connection_lost(None)  # asyncio's TLS layer never tells us: give the slot back here
             return False
         self.core.tls_started(describe(self.transport.get_extra_info("ssl_object") if self.transport else None))
         return True

@@ -7,6 +7,7 @@ import asyncio
 import smtplib
 import socket
 import time
+from typing import Any
 
 import pytest
 from conftest import wait_until
@@ -190,3 +191,33 @@ def test_failure_window_blocks_at_the_limit_until_the_oldest_failure_leaves():
     assert not w.blocked("x")
     now[0] += 10_000
     assert not w.blocked("x") and w.fail("x") == 1
+
+
+# -- review: slots that must come back -------------------------------------------------------
+
+
+def _tls_overrides(tmp_path: Any) -> dict[str, Any]:
+    from peers import self_signed_cert
+
+    made = self_signed_cert(tmp_path / "tls")
+    if made is None:
+        pytest.skip("cannot make a certificate (no openssl, no cryptography)")
+    return {"cert": made[0], "key": made[1]}
+
+
+def test_a_failed_starttls_handshake_gives_its_connection_slot_back(serve, tmp_path):
+    server = serve(server={**UNTRUSTED, "max_connections_per_ip": 2}, tls=_tls_overrides(tmp_path))
+    for _ in range(3):
+        s, g = greet("127.0.0.9", server.port)
+        assert g.startswith(b"220 ")
+        s.sendall(b"EHLO x.test\r\nSTARTTLS\r\n")
+        f = s.makefile("rb")
+        while not f.readline().startswith(b"220 "):
+            pass
+        s.sendall(b"this is not a TLS ClientHello\r\n" * 4)  # the handshake fails
+        s.recv(1000)
+        s.close()
+    wait_until(lambda: server.app.server.per_client.count("127.0.0.9") == 0 and not server.app.server.sessions)
+    s, g = greet("127.0.0.9", server.port)
+    s.close()
+    assert g.startswith(b"220 ")
