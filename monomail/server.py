@@ -18,7 +18,9 @@ checked by ``auth`` (the password file or Dovecot) off the event loop.
 
 Limits (``limits``): connections beyond ``server.max_connections`` or, from one client
 (IPv6: one /64; trusted networks exempt), beyond ``max_connections_per_ip`` get ``421
-4.7.0``; after ``auth.auth_failures`` failed AUTHs within 15 minutes every AUTH from that
+4.7.0`` (on the implicit-TLS port, where a plain-text reply cannot be read, they are
+closed: they are counted before their handshake, which asyncio's ``loop.start_tls`` does
+with a deadline); after ``auth.auth_failures`` failed AUTHs within 15 minutes every AUTH from that
 client gets ``421 4.7.0``, and each failure is logged as ``auth failed client=[ip]
 user=name mechanism=M`` (the line ``contrib/fail2ban`` matches). Deadlines: a session
 with no byte from the client for ``server.timeout`` is closed; each command line (and
@@ -129,6 +131,9 @@ class Session(SMTP):
         self.client = ""  # the limits' key for this client (limits.client_key)
         self.trusted = False
         self._starting_tls = False
+        self._connected = False  # aiosmtpd's connection_made has run (its connection_lost must)
+        self._raw: asyncio.BaseTransport | None = None  # the TCP transport, while an implicit TLS handshake runs
+        self._handshake: asyncio.Task[None] | None = None
         self._credentials: LoginPassword | None = None
         certs = server.certificates
         super().__init__(  # size, SMTPUTF8, the greeting are the core's: aiosmtpd's own commands are unused
@@ -159,18 +164,45 @@ class Session(SMTP):
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
         refusal = self.mm.admit(self)
         if refusal is not None:
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(wire((refusal,)))
+            if self.kind != SUBMISSIONS and isinstance(transport, asyncio.WriteTransport):
+                transport.write(wire((refusal,)))  # (on 465 plain text would only garble the handshake)
             transport.close()
             return
-        if self.kind == SUBMISSIONS:  # implicit TLS: the handshake is done already
-            self.core.tls_started(describe(transport.get_extra_info("ssl_object")))
+        if self.kind == SUBMISSIONS:  # implicit TLS: counted above, before the handshake
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()  # the ClientHello is for the TLS layer, not for our reader
+            self._raw = transport
+            self._handshake = self.loop.create_task(self._implicit_tls(transport))
+            return
+        self._connected = True
         super().connection_made(transport)
 
-    def connection_lost(self, error: Exception | None) -> None:
-        if not self.mm.release(self):  # refused above: aiosmtpd never saw it
+    async def _implicit_tls(self, raw: asyncio.Transport) -> None:
+        """The handshake of a 465 connection (RFC 8314), then the session over it."""
+        certs = self.mm.certificates
+        assert certs is not None
+        try:
+            tls = await self.loop.start_tls(raw, self, certs.front, server_side=True,
+                                            ssl_handshake_timeout=self.mm.handshake_timeout)
+        except Exception as exc:  # OSError, ssl.SSLError, the handshake timeout, or a bug
+            log.info("TLS handshake failed client=[%s]: %s", self.peer_ip, maillog.printable(repr(exc)))
+            raw.close()
+            self.mm.release(self)
             return
-        super().connection_lost(error)
+        finally:
+            self._raw = None
+        if tls is None:  # the connection went while the handshake ended
+            self.mm.release(self)
+            return
+        self.core.tls_started(describe(tls.get_extra_info("ssl_object")))
+        self._connected = True
+        super().connection_made(tls)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.mm.release(self)  # once per session: it does nothing the second time
+        if self._connected:  # else refused above, or its TLS handshake never finished
+            self._connected = False
+            super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
         self._reset_timeout()  # internal 3: the idle timer counts from the client's last byte
@@ -374,8 +406,9 @@ class Session(SMTP):
             await self.push(data[:-2])
 
     def hang_up(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport or self._raw
+        if transport is not None:
+            transport.close()
 
 
 class SMTPServer:
@@ -397,6 +430,7 @@ class SMTPServer:
         self.servers: list[asyncio.Server] = []
         self.kinds: list[str] = []  # each server's kind of listener, in `servers` order
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.handshake_timeout = min(config.server.command_timeout, 60.0)  # an implicit TLS handshake
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -411,12 +445,9 @@ class SMTPServer:
     async def _listen(self, kind: str, addr: Listen) -> None:
         assert self.loop is not None
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC
-        implicit = kind == SUBMISSIONS and self.certificates is not None
-        server = await self.loop.create_server(
+        server = await self.loop.create_server(  # 465's TLS: `Session._implicit_tls`, once counted
             lambda: Session(self, kind), host=addr.host, port=addr.port, family=family,
             reuse_address=True, backlog=512,
-            ssl=self.certificates.front if implicit and self.certificates else None,
-            ssl_handshake_timeout=min(self.config.server.command_timeout, 60.0) if implicit else None,
         )
         self.servers.append(server)
         self.kinds.append(kind)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -221,3 +222,29 @@ def test_a_failed_starttls_handshake_gives_its_connection_slot_back(serve, tmp_p
     s, g = greet("127.0.0.9", server.port)
     s.close()
     assert g.startswith(b"220 ")
+
+
+def test_implicit_tls_connections_count_before_their_handshake(serve, tmp_path):
+    """On 465 a connection that never sends its ClientHello holds a slot: it is counted."""
+    server = serve(server={**UNTRUSTED, "max_connections_per_ip": 2, "command_timeout": "3s"},
+                   tls=_tls_overrides(tmp_path), submission={"listen_tls": ["127.0.0.1:0"]})
+    port = server.app.server.port("submissions")
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.9", 0))
+              for _ in range(2)]
+    try:
+        wait_until(lambda: server.app.server.per_client.count("127.0.0.9") == 2)
+        with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.9", 0)) as third:
+            start = time.monotonic()
+            assert third.recv(100) == b""  # over the limit: closed at once, not after a handshake timeout
+            assert time.monotonic() - start < 2
+        start = time.monotonic()
+        assert all(s.recv(100) == b"" for s in silent)  # the handshake has its deadline
+        assert time.monotonic() - start < 6
+    finally:
+        for s in silent:
+            s.close()
+    wait_until(lambda: server.app.server.per_client.count("127.0.0.9") == 0 and not server.app.server.sessions)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP_SSL("127.0.0.1", port, source_address=("127.0.0.9", 0), context=ctx, timeout=10) as smtp:
+        assert smtp.ehlo("x.test")[0] == 250 and smtp.has_extn("auth")
