@@ -12,9 +12,11 @@ TLS (``tls``): STARTTLS is offered on every listener when ``[tls]`` is set; the
 handshake is aiosmtpd's (``smtp_STARTTLS``), which also discards plain text pipelined
 behind STARTTLS (RFC 3207 §5, the command injection family), and whose 220 reply is
 its own. The certificate is ``tls.Certificates``' front context, renewed without a
-restart. AUTH PLAIN and LOGIN are exchanged by aiosmtpd's ``auth_PLAIN``/``auth_LOGIN``
-(its ``challenge_auth``: 334, base64, ``*`` to cancel); the credentials it reads are
-checked by ``auth`` (the password file or Dovecot) off the event loop.
+restart. AUTH LOGIN is exchanged by aiosmtpd's ``auth_LOGIN``, PLAIN by our
+`Session.auth_PLAIN` (aiosmtpd's drops the authzid: ours refuses one that is not the
+user itself, RFC 4616 §2), both with aiosmtpd's ``challenge_auth`` (334, base64, ``*``
+to cancel); the credentials are checked by ``auth`` (the password file or Dovecot) off
+the event loop.
 
 Limits (``limits``): connections beyond ``server.max_connections`` or, from one client
 (IPv6: one /64; trusted networks exempt), beyond ``max_connections_per_ip`` get ``421
@@ -52,8 +54,8 @@ thread, so `SMTPServer` calls ``loop.create_server`` itself with our `Session`, 
 ``aiosmtpd.smtp.SMTP``. What monomail takes from aiosmtpd, public API first:
 
 - ``SMTP.__init__`` (hostname, timeout, loop, tls_context, authenticator), ``push`` (one
-  write + drain per step), ``smtp_STARTTLS``, ``auth_PLAIN``/``auth_LOGIN`` with the
-  ``authenticator`` callback and ``AuthResult``/``LoginPassword``,
+  write + drain per step), ``smtp_STARTTLS``, ``auth_LOGIN`` and ``challenge_auth`` with
+  the ``authenticator`` callback and ``AuthResult``/``LoginPassword``/``MISSING``,
   ``connection_made``/``connection_lost``/``data_received`` (asyncio protocol methods we
   extend; after STARTTLS aiosmtpd's TLS layer calls ``connection_made`` again), and the
   documented ``line_length_limit`` (1001), which is the StreamReader's limit: longer
@@ -75,11 +77,13 @@ aiosmtpd internals monomail depends on (no public way exists; tested with aiosmt
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 import socket
 import time
+from base64 import b64decode
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, TLSSetupException
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, TLSSetupException
 
 from . import maillog, policy
 from .auth import Authenticator
@@ -135,6 +139,7 @@ class Session(SMTP):
         self._raw: asyncio.BaseTransport | None = None  # the TCP transport, while an implicit TLS handshake runs
         self._handshake: asyncio.Task[None] | None = None
         self._credentials: LoginPassword | None = None
+        self._authzid = b""  # PLAIN's authorization identity (RFC 4616), "" for none
         certs = server.certificates
         super().__init__(  # size, SMTPUTF8, the greeting are the core's: aiosmtpd's own commands are unused
             _NoHooks(),
@@ -282,6 +287,27 @@ class Session(SMTP):
         self.core.tls_started(describe(self.transport.get_extra_info("ssl_object") if self.transport else None))
         return True
 
+    async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
+        """aiosmtpd's PLAIN exchange, keeping the authzid that aiosmtpd's own drops, and
+        taking ``=`` as the empty initial response (RFC 4954 §4)."""
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:  # cancelled, or not base64: aiosmtpd has answered
+                return AuthResult(success=False)
+        else:
+            try:
+                blob = b"" if args[1] == "=" else b64decode(args[1], validate=True)
+            except binascii.Error:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        assert isinstance(blob, bytes)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        self._authzid = parts[0]
+        return self._capture(self, None, None, "PLAIN", LoginPassword(parts[1], parts[2]))
+
     def _capture(self, server: object, session: object, envelope: object, mechanism: str,
                  auth_data: object) -> AuthResult:
         """aiosmtpd's authenticator: keep what the exchange read; `_auth_exchange` checks it."""
@@ -305,6 +331,7 @@ class Session(SMTP):
         except ValueError:  # a response line over aiosmtpd's line_length_limit
             return self.core.answer(AUTH_LINE_TOO_LONG)
         credentials, self._credentials = self._credentials, None
+        authzid, self._authzid = self._authzid.decode("utf-8", "replace"), b""
         if not result.success or credentials is None:  # aiosmtpd has answered (501 ...)
             return self.core.answer(AUTH_EXCHANGE_FAILED, sent=True)
         user = credentials.login.decode("utf-8", "replace")
@@ -314,6 +341,10 @@ class Session(SMTP):
             log.error("auth unavailable client=[%s] user=%s: %s", self.peer_ip, maillog.printable(user),
                       maillog.printable(exc.detail))
             return self.core.answer(exc.reply)
+        if login is not None and authzid and authzid.lower() not in (user.lower(), login.lower()):
+            log.warning("auth refused client=[%s] user=%s authzid=%s: may not act as another user",
+                        self.peer_ip, maillog.printable(login), maillog.printable(authzid))
+            login = None  # RFC 4616 §2: a user acts only as itself here
         if login is None:
             self.mm.failures.fail(self.client)
             log.warning("auth failed client=[%s] user=%s mechanism=%s", self.peer_ip,

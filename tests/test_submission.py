@@ -434,3 +434,21 @@ def test_dovecot_down_is_a_temporary_failure(serve, tmp_path):
         code, text = login_plain(smtp)
         assert (code, text[:5]) == (454, b"4.7.0")
         assert smtp.noop()[0] == 250  # not counted as a password failure, not closed
+
+
+# -- review: RFC 4616's authorization identity, RFC 4954's "=" ------------------------------
+
+
+def test_plain_with_another_users_authzid_is_refused(submit_server):
+    """``bob\\0alice\\0pw``: alice's password must not let her act as bob (RFC 4616 §2)."""
+    server = submit_server()
+    with connect(server, "submissions") as smtp:
+        smtp.ehlo("laptop.test")
+        as_bob = base64.b64encode(f"bob\0alice\0{PASSWORD}".encode()).decode()
+        assert smtp.docmd("AUTH", f"PLAIN {as_bob}") == (535, b"5.7.8 Authentication credentials invalid")
+        assert smtp.docmd("AUTH", "PLAIN =")[:1] == (501,)  # the empty initial response: no NULs in it
+        assert smtp.docmd("AUTH", "PLAIN")[0] == 334  # the authzid on a 334 response, too
+        assert smtp.docmd(as_bob)[0] == 535
+        as_herself = base64.b64encode(f"Alice\0alice\0{PASSWORD}".encode()).decode()
+        assert smtp.docmd("AUTH", f"PLAIN {as_herself}")[0] == 235
+        assert smtp.docmd("MAIL", "FROM:<bob@example.test>")[0] == 553
