@@ -14,8 +14,9 @@ behind STARTTLS (RFC 3207 §5, the command injection family), and whose 220 repl
 its own. The certificate is ``tls.Certificates``' front context, renewed without a
 restart. AUTH LOGIN is exchanged by aiosmtpd's ``auth_LOGIN``, PLAIN by our
 `Session.auth_PLAIN` (aiosmtpd's drops the authzid: ours refuses one that is not the
-user itself, RFC 4616 §2), both with aiosmtpd's ``challenge_auth`` (334, base64, ``*``
-to cancel); the credentials are checked by ``auth`` (the password file or Dovecot) off
+user itself, RFC 4616 §2), both through our `Session.challenge_auth` (334, base64,
+``*`` to cancel; an over-long response is skipped to its end and gets 500 5.5.6,
+aiosmtpd's would leave its rest to be read as a command); the credentials are checked by ``auth`` (the password file or Dovecot) off
 the event loop.
 
 Limits (``limits``): connections beyond ``server.max_connections`` or, from one client
@@ -54,8 +55,8 @@ thread, so `SMTPServer` calls ``loop.create_server`` itself with our `Session`, 
 ``aiosmtpd.smtp.SMTP``. What monomail takes from aiosmtpd, public API first:
 
 - ``SMTP.__init__`` (hostname, timeout, loop, tls_context, authenticator), ``push`` (one
-  write + drain per step), ``smtp_STARTTLS``, ``auth_LOGIN`` and ``challenge_auth`` with
-  the ``authenticator`` callback and ``AuthResult``/``LoginPassword``/``MISSING``,
+  write + drain per step), ``smtp_STARTTLS``, ``auth_LOGIN`` (which calls the
+  ``challenge_auth`` we override) with the ``authenticator`` callback and ``AuthResult``/``LoginPassword``/``MISSING``,
   ``connection_made``/``connection_lost``/``data_received`` (asyncio protocol methods we
   extend; after STARTTLS aiosmtpd's TLS layer calls ``connection_made`` again), and the
   documented ``line_length_limit`` (1001), which is the StreamReader's limit: longer
@@ -81,7 +82,8 @@ import binascii
 import logging
 import socket
 import time
-from base64 import b64decode
+from base64 import b64decode, b64encode
+from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, TLSSetupException
 
@@ -115,6 +117,10 @@ _AIOSMTPD_LOG = logging.getLogger("mail.log")
 _AIOSMTPD_LOG.setLevel(logging.WARNING)  # aiosmtpd logs every connection at INFO
 if not any(isinstance(f, maillog.PrintableFilter) for f in _AIOSMTPD_LOG.filters):
     _AIOSMTPD_LOG.addFilter(maillog.PrintableFilter())
+
+
+class _TooLong(Exception):
+    """An AUTH response line longer than ``line_length_limit`` (skipped to its end)."""
 
 
 class _NoHooks:
@@ -242,24 +248,30 @@ class Session(SMTP):
             log.error("internal error in SMTP session with [%s]: %r", self.peer_ip, exc, exc_info=exc)
             self.hang_up()
 
-    async def _next_command(self) -> Step:
+    async def _read_line(self) -> bytes | None:
+        """One line up to LF; None for one longer than ``line_length_limit``, skipped to
+        its end (so that its rest is not taken for the next line)."""
         reader = self._reader  # internal 2
         try:
+            return await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            await reader.read(exc.consumed)
+        while True:
+            try:
+                await reader.readuntil(b"\n")
+                return None
+            except asyncio.LimitOverrunError as more:
+                await reader.read(more.consumed)
+
+    async def _next_command(self) -> Step:
+        try:
             async with asyncio.timeout(self.mm.config.server.command_timeout):
-                try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.LimitOverrunError as exc:  # longer than line_length_limit: skip it
-                    await reader.read(exc.consumed)
-                    while True:
-                        try:
-                            await reader.readuntil(b"\n")
-                            break
-                        except asyncio.LimitOverrunError as more:
-                            await reader.read(more.consumed)
-                    return self.core.overlong()
+                line = await self._read_line()
         except TimeoutError:
             log.info("timeout waiting for a command from [%s]", self.peer_ip)
             return Step((COMMAND_TIMEOUT,), Next.CLOSE)
+        if line is None:
+            return self.core.overlong()
         try:
             step = self.core.receive(line)
         except Exception as exc:  # nobody classified it: temporary
@@ -308,6 +320,26 @@ class Session(SMTP):
         self._authzid = parts[0]
         return self._capture(self, None, None, "PLAIN", LoginPassword(parts[1], parts[2]))
 
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        """aiosmtpd's 334 round (its auth mechanisms call it): the decoded response, or
+        aiosmtpd's ``MISSING`` when it was cancelled or not base64 (and answered). The
+        line is read with `_read_line`: an over-long one raises `_TooLong` (500 5.5.6, RFC 4954 §4)."""
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (b64encode(data) if encode_to_b64 else data))
+        line = await self._read_line()
+        if line is None:
+            raise _TooLong
+        blob = line.strip()
+        if blob == b"*":
+            await self.push("501 5.7.0 Authentication cancelled")
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+
     def _capture(self, server: object, session: object, envelope: object, mechanism: str,
                  auth_data: object) -> AuthResult:
         """aiosmtpd's authenticator: keep what the exchange read; `_auth_exchange` checks it."""
@@ -328,7 +360,7 @@ class Session(SMTP):
                 result = await exchange(self, [mechanism, *([initial] if initial else [])])
         except TimeoutError:
             return Step((COMMAND_TIMEOUT,), Next.CLOSE)
-        except ValueError:  # a response line over aiosmtpd's line_length_limit
+        except _TooLong:
             return self.core.answer(AUTH_LINE_TOO_LONG)
         credentials, self._credentials = self._credentials, None
         authzid, self._authzid = self._authzid.decode("utf-8", "replace"), b""

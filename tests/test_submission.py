@@ -452,3 +452,16 @@ def test_plain_with_another_users_authzid_is_refused(submit_server):
         as_herself = base64.b64encode(f"Alice\0alice\0{PASSWORD}".encode()).decode()
         assert smtp.docmd("AUTH", f"PLAIN {as_herself}")[0] == 235
         assert smtp.docmd("MAIL", "FROM:<bob@example.test>")[0] == 553
+
+
+def test_the_rest_of_an_over_long_auth_response_is_not_read_as_a_command(submit_server):
+    server = submit_server()
+    with connect(server, "submissions") as smtp:
+        smtp.ehlo("laptop.test")
+        assert smtp.docmd("AUTH", "PLAIN")[0] == 334
+        smtp.send("A" * 3000)  # more than a line may hold, in two pieces
+        time.sleep(0.3)
+        smtp.send("AAAA\r\n")
+        assert smtp.getreply() == (500, b"5.5.6 Authentication exchange line is too long")
+        assert smtp.noop() == (250, b"2.0.0 OK")  # not a reply to "AAAA"
+        assert login_plain(smtp)[0] == 235
