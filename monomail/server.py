@@ -16,8 +16,8 @@ restart. AUTH LOGIN is exchanged by aiosmtpd's ``auth_LOGIN``, PLAIN by our
 `Session.auth_PLAIN` (aiosmtpd's drops the authzid: ours refuses one that is not the
 user itself, RFC 4616 §2), both through our `Session.challenge_auth` (334, base64,
 ``*`` to cancel; an over-long response is skipped to its end and gets 500 5.5.6,
-aiosmtpd's would leave its rest to be read as a command); the credentials are checked by ``auth`` (the password file or Dovecot) off
-the event loop.
+aiosmtpd's would leave its rest to be read as a command); the credentials are
+checked by ``auth`` (the password file or Dovecot) off the event loop.
 
 Limits (``limits``): connections beyond ``server.max_connections`` or, from one client
 (IPv6: one /64; trusted networks exempt), beyond ``max_connections_per_ip`` get ``421
