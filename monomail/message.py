@@ -255,17 +255,24 @@ def _date(second: int) -> str:
     return format_datetime(datetime.fromtimestamp(second, UTC).astimezone())
 
 
+def _named(header: bytes) -> list[tuple[bytes, bytes]]:
+    """(lower-case name, value) of each field; the name as `Content` reads it, white space
+    before the colon allowed (RFC 5322 §4.5.3's obsolete syntax, which readers still take)."""
+    pairs = (f.partition(b":") for f in header_fields(header))
+    return [(name.strip().lower(), value) for name, _, value in pairs]
+
+
 def from_addresses(header: bytes) -> list[str]:
     """The addresses of every From field of a header section ("" for one that does not parse)."""
-    values = [f.split(b":", 1)[1].decode("utf-8", "surrogateescape").replace("\n", "")
-              for f in header_fields(header) if f[:5].lower() == b"from:"]
+    values = [value.decode("utf-8", "surrogateescape").replace("\n", "")
+              for name, value in _named(header) if name == b"from"]
     return [address for _, address in getaddresses(values)] if values else []
 
 
 def completion_fields(header: bytes, *, sender: str, hostname: str, queue_id: str, when: float) -> bytes:
     """What a submitted message lacks (RFC 6409 §8.2, §8.3): Date, Message-ID, and From
     (the envelope sender) when it has none and the sender is not null."""
-    names = {f.split(b":", 1)[0].strip().lower() for f in header_fields(header)}
+    names = {name for name, _ in _named(header)}
     added = b""
     if b"from" not in names and sender:
         added += f"From: <{sender}>\n".encode("utf-8", "surrogateescape")

@@ -465,3 +465,17 @@ def test_the_rest_of_an_over_long_auth_response_is_not_read_as_a_command(submit_
         assert smtp.getreply() == (500, b"5.5.6 Authentication exchange line is too long")
         assert smtp.noop() == (250, b"2.0.0 OK")  # not a reply to "AAAA"
         assert login_plain(smtp)[0] == 235
+
+
+def test_a_from_field_with_space_before_its_colon_is_checked_too(submit_server):
+    """``From : bob@...`` (RFC 5322 §4.5's obsolete syntax, which readers still take as From)."""
+    server = submit_server()
+    with connect(server, "submissions") as smtp:
+        smtp.ehlo("laptop.test")
+        assert login_plain(smtp)[0] == 235
+        for name in ("From :", "FROM\t:", "from:"):
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                smtp.sendmail("alice@example.test", ["carol@example.test"],
+                              f"{name} Bob <bob@example.test>\r\nSubject: x\r\n\r\nbody\r\n")
+            assert refused.value.smtp_code == 550, name
+            smtp.rset()
