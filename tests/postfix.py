@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.policy import SMTP
 from pathlib import Path
 from typing import Any
 
@@ -336,7 +337,7 @@ class PostfixPeer:
         """Hand one message to this Postfix over SMTP → its queue id (from the 250 reply)."""
         with smtplib.SMTP(self.host, self.port, timeout=timeout) as client:
             client.ehlo("client.test")
-            data = message.as_bytes() if isinstance(message, EmailMessage) else message
+            data = message.as_bytes(policy=SMTP) if isinstance(message, EmailMessage) else message
             client.mail(mail_from)
             for rcpt in rcpt_to:
                 code, reply = client.rcpt(rcpt)
