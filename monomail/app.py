@@ -42,6 +42,7 @@ from .server import SMTPServer
 from .settings import Config
 from .spool import Spool
 from .tables import FileTables
+from .tls import Certificates
 
 log = logging.getLogger("monomail")
 
@@ -77,7 +78,8 @@ class App:
         self.deliverer = Deliverer(config, self.executor, self.transport, self.tables)
         self.queue = Queue(self.spool, self.deliverer.attempt, config.queue, hostname=config.hostname,
                            cut_through=config.remote.cut_through, clock=clock)
-        self.server = SMTPServer(config, self.queue, self.tables)
+        certificates = Certificates(config.tls) if config.tls.enabled else None  # ConfigError: unusable
+        self.server = SMTPServer(config, self.queue, self.tables, certificates=certificates)
         self._runner: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()

@@ -9,6 +9,9 @@ key). Every error is one line on stderr, never a traceback.
 remote host and the next attempt; damaged entries are listed with why (in the spool
 still, or moved aside into ``corrupt/`` by the server). Text from the spool reaches the
 terminal with control characters escaped.
+
+``passwd USER`` sets a password in ``auth.password_file`` (``passwords.set_password``): from
+two prompts on a terminal, else from the first line of standard input.
 """
 
 from __future__ import annotations
@@ -192,6 +195,53 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0 if ok else 2
 
 
+MAX_PASSWORD = 1024  # bytes; more is refused, not cut
+
+
+def _new_password() -> bytes | str:
+    """The new password (bytes), or why there is none (str)."""
+    if sys.stdin.isatty():
+        import getpass
+
+        try:
+            first = getpass.getpass("New password: ")
+            second = getpass.getpass("Retype new password: ")
+        except EOFError:
+            return "no password given; nothing changed"
+        if first != second:
+            return "passwords do not match; nothing changed"
+        password = first.encode("utf-8", "surrogateescape")
+    else:
+        line = sys.stdin.buffer.readline(MAX_PASSWORD + 2)
+        password = line.removesuffix(b"\n").removesuffix(b"\r")
+    if not password:
+        return "empty password refused; nothing changed"
+    if len(password) > MAX_PASSWORD:
+        return f"password longer than {MAX_PASSWORD} bytes refused; nothing changed"
+    return password
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from .passwords import set_password
+
+    config = _load(args.config)
+    user = args.user.lower()
+    if user not in config.users:
+        print(f"monomail passwd: no such user in [users]: {printable(args.user)}", file=sys.stderr)
+        return 2
+    if config.auth.dovecot is not None:
+        print(f"monomail passwd: passwords are Dovecot's here (auth.dovecot = {config.auth.dovecot}); "
+              "set them in Dovecot", file=sys.stderr)
+        return 2
+    password = _new_password()
+    if isinstance(password, str):
+        print(f"monomail passwd: {password}", file=sys.stderr)
+        return 1
+    set_password(config.auth.password_file, user, password)
+    print(f"password set for {user}")
+    return 0
+
+
 _OWN_PARSERS = {"import": ".importer", "mail": ".reader", "sendmail": ".sendmail", "deliver": ".mda"}
 
 
@@ -210,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p.add_argument("--sender", help="show the envelope sender rewrites for mail from this address")
     p.set_defaults(func=cmd_route)
+    p = sub.add_parser("passwd", parents=[common], help="set a user's password for AUTH (read from standard input)")
+    p.add_argument("user", metavar="USER")
+    p.set_defaults(func=cmd_passwd)
     sub.add_parser("import", help="translate /etc/aliases, virtusertable and .forward files into TOML "
                                   "(see monomail import --help)")
     sub.add_parser("mail", help="read a mailbox, binmail style (see monomail mail --help)")

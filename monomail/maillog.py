@@ -52,10 +52,12 @@ class PrintableFilter(logging.Filter):
         return True
 
 
-def received(env: Envelope, *, client: str, helo: str) -> None:
+def received(env: Envelope, *, client: str, helo: str, tls: str = "", user: str | None = None) -> None:
+    """``tls`` is the session's version and cipher; ``user`` the authenticated login."""
+    extra = (f" tls={tls.replace(' ', ':')}" if tls else "") + (f" user={printable(user)}" if user else "")
     log.info(
-        "%s: received from=<%s> size=%d nrcpt=%d client=[%s] helo=%s",
-        env.id, printable(env.sender), env.size, len(env.recipients), client, printable(helo),
+        "%s: received from=<%s> size=%d nrcpt=%d client=[%s] helo=%s%s",
+        env.id, printable(env.sender), env.size, len(env.recipients), client, printable(helo), extra,
     )
 
 

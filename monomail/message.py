@@ -15,6 +15,9 @@ Job: pure code over raw message bytes (no I/O).
 - `received_header` builds our ``Received:`` field (RFC 5321 §4.4); client-supplied
   words (the HELO name) are reduced to a safe alphabet before they reach a header.
 - `split_header` is the one header-section splitter (``header_fields`` lists its fields).
+- For submission (RFC 6409 §8): `from_addresses` (the From field's addresses, for the
+  sender-ownership check) and `completion_fields` (Date and Message-ID a submitted
+  message lacks, and From from the envelope sender).
 - `delivery_headers` gives ``Return-Path`` (RFC 5321 §4.4) and ``Delivered-To`` for a
   final delivery.
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 import functools
 import re
 from datetime import UTC, datetime
-from email.utils import format_datetime
+from email.utils import format_datetime, getaddresses
 
 from .errors import MESSAGE_TOO_BIG, Reply, ReplyError
 
@@ -68,6 +71,7 @@ class Content:
         self._line_start = True  # the carry begins a line
         self._in_header = True
         self._first_line = True
+        self._header: list[bytes] = []  # the header section as read (LF endings)
 
     def feed(self, data: bytes) -> None:
         self.size += len(data)
@@ -95,6 +99,11 @@ class Content:
         data = b"".join(self._parts)
         self._parts = [b""]
         return data
+
+    @property
+    def header(self) -> bytes:
+        """The header section read so far, LF-ended fields (as `split_header` gives it)."""
+        return b"".join(self._header)
 
     def _refuse(self, reply: Reply) -> None:
         self.error = reply
@@ -160,7 +169,7 @@ class Content:
             first, self._first_line = self._first_line, False
             if stop - pos == 1 and block[pos] == 0x0A:
                 self._in_header = False
-                return
+                break
             if block[pos] in (0x20, 0x09) and not first:
                 pass  # a continuation line
             elif _FIELD.match(block, pos, stop):
@@ -168,8 +177,9 @@ class Content:
                     self.received += 1
             else:
                 self._in_header = False
-                return
+                break
             pos = stop
+        self._header.append(block[:pos])
 
 
 def split_header(data: bytes) -> tuple[bytes, bytes]:
@@ -222,14 +232,18 @@ def received_header(
     queue_id: str,
     recipient: str | None,
     when: float,
+    tls: str = "",
 ) -> bytes:
-    """``Received: from helo ([ip]) by host (monomail) with ESMTP id QID for <rcpt>; date``."""
+    """``Received: from helo ([ip]) by host (monomail) with ESMTP id QID for <rcpt>; date``;
+    ``tls`` ("TLSv1.3 TLS_AES_256_GCM_SHA384") adds ``(using TLSv1.3 with cipher ...)``
+    as Postfix writes it."""
     ip = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
     stamp = _date(int(when))
-    text = (
-        f"Received: from {safe_word(helo)} ([{ip}])\n"
-        f"\tby {hostname} (monomail) with {protocol} id {queue_id}"
-    )
+    text = f"Received: from {safe_word(helo)} ([{ip}])\n"
+    if tls:
+        version, _, cipher = tls.partition(" ")
+        text += f"\t(using {version} with cipher {cipher})\n" if cipher else f"\t(using {version})\n"
+    text += f"\tby {hostname} (monomail) with {protocol} id {queue_id}"
     if recipient:
         text += f"\n\tfor <{recipient}>"
     return (text + f"; {stamp}\n").encode("utf-8", "surrogateescape")
@@ -239,6 +253,27 @@ def received_header(
 def _date(second: int) -> str:
     """RFC 5322 date in local time; cached, as every message of one second shares it."""
     return format_datetime(datetime.fromtimestamp(second, UTC).astimezone())
+
+
+def from_addresses(header: bytes) -> list[str]:
+    """The addresses of every From field of a header section ("" for one that does not parse)."""
+    values = [f.split(b":", 1)[1].decode("utf-8", "surrogateescape").replace("\n", "")
+              for f in header_fields(header) if f[:5].lower() == b"from:"]
+    return [address for _, address in getaddresses(values)] if values else []
+
+
+def completion_fields(header: bytes, *, sender: str, hostname: str, queue_id: str, when: float) -> bytes:
+    """What a submitted message lacks (RFC 6409 §8.2, §8.3): Date, Message-ID, and From
+    (the envelope sender) when it has none and the sender is not null."""
+    names = {f.split(b":", 1)[0].strip().lower() for f in header_fields(header)}
+    added = b""
+    if b"from" not in names and sender:
+        added += f"From: <{sender}>\n".encode("utf-8", "surrogateescape")
+    if b"date" not in names:
+        added += f"Date: {_date(int(when))}\n".encode()
+    if b"message-id" not in names:
+        added += f"Message-ID: <{queue_id}@{hostname}>\n".encode()
+    return added
 
 
 def delivery_headers(sender: str, delivered_to: str) -> bytes:

@@ -5,6 +5,11 @@ so that unwanted mail is refused at RCPT time (no backscatter). RFC 5321 §3.3, 
 relay control as Postfix's ``reject_unauth_destination``.
 
 - `is_trusted`: is the client address inside ``server.trusted_networks``?
+- `owns`: may an authenticated user send as this address (RFC 6409 §4.1, as Postfix's
+  ``reject_sender_login_mismatch``)? Their own local part at every local domain, the
+  addresses in their ``senders`` (``@domain``: any address there), and every address of
+  ours whose routing leads to their mailbox and nowhere else (their aliases, virtual
+  addresses, ``user+tag``).
 - `check_recipient`: route the address; refuse unknown users (550 5.1.1), loops (550
   5.4.6), an alias's own ``:fail:`` / ``:defer:`` refusal with its code and text (550 /
   450), and any domain not ours unless the client is trusted (554 5.7.1). Source
@@ -19,8 +24,8 @@ from __future__ import annotations
 import ipaddress
 
 from .envelope import Address
-from .errors import RouteError
-from .router import RELAY_DENIED, Destination, Tables, is_our_domain, resolve
+from .errors import ReplyError, RouteError
+from .router import RELAY_DENIED, Destination, Mailbox, Tables, is_our_domain, resolve
 from .settings import Config
 
 
@@ -43,3 +48,29 @@ def check_recipient(address: Address, config: Config, *, trusted: bool, sender: 
     if not is_our_domain(address.domain, config) and not trusted:
         raise RouteError(RELAY_DENIED, f"relay to {address} from untrusted client")
     return resolve(address, config, tables, sender)
+
+
+def owns(login: str, address: str, config: Config, tables: Tables | None = None) -> bool:
+    """May the user authenticated as ``login`` (``alice``, or ``alice@`` a local domain) use
+    ``address`` as a sender?"""
+    user, at, login_domain = login.lower().partition("@")
+    if at and login_domain not in config.local.domains:
+        user = login.lower()  # a login in a domain not ours: only its senders and itself
+    local, _, domain = address.rpartition("@")
+    domain = domain.lower()
+    if not local:
+        return False
+    if f"{local.lower()}@{domain}" == login.lower() or (local.lower() == user and domain in config.local.domains):
+        return True
+    settings = config.users.get(user)
+    if settings is not None:
+        wanted = {f"{local.lower()}@{domain}", f"@{domain}"}
+        if any(s.lower() in wanted for s in settings.senders):
+            return True
+    if not is_our_domain(domain, config):
+        return False
+    try:
+        destinations = resolve(Address(local, domain), config, tables, None)
+    except ReplyError:
+        return False
+    return bool(destinations) and all(isinstance(d, Mailbox) and d.user == user for d in destinations)

@@ -1,10 +1,29 @@
 """The SMTP face: aiosmtpd's connections, monomail's SMTP core, in monomail's own event loop.
 
-Job: listen on every ``server.listen`` address, read command lines and message content
-from each client, and write back what the transaction core (``transaction``) decides;
-``policy`` is its recipient check. A complete message gets our Received header and goes
-to ``queue.accept``, whose reply is the answer to DATA. The server ends at
-``queue.accept()``. Connections beyond ``server.max_connections`` get ``421 4.7.0``.
+Job: listen on every ``server.listen`` address (the MX port) and the submission
+addresses (``submission.listen``: STARTTLS then AUTH, RFC 6409; ``listen_tls``:
+implicit TLS, RFC 8314), read command lines and message content from each client, and
+write back what the transaction core (``transaction``) decides; ``policy`` is its
+recipient and sender-ownership check. A complete message gets our Received header (and,
+submitted, the Date and Message-ID it lacks) and goes to ``queue.accept``, whose reply
+is the answer to DATA. The server ends at ``queue.accept()``.
+
+TLS (``tls``): STARTTLS is offered on every listener when ``[tls]`` is set; the
+handshake is aiosmtpd's (``smtp_STARTTLS``), which also discards plain text pipelined
+behind STARTTLS (RFC 3207 §5, the command injection family), and whose 220 reply is
+its own. The certificate is ``tls.Certificates``' front context, renewed without a
+restart. AUTH PLAIN and LOGIN are exchanged by aiosmtpd's ``auth_PLAIN``/``auth_LOGIN``
+(its ``challenge_auth``: 334, base64, ``*`` to cancel); the credentials it reads are
+checked by ``auth`` (the password file or Dovecot) off the event loop.
+
+Limits (``limits``): connections beyond ``server.max_connections`` or, from one client
+(IPv6: one /64; trusted networks exempt), beyond ``max_connections_per_ip`` get ``421
+4.7.0``; after ``auth.auth_failures`` failed AUTHs within 15 minutes every AUTH from that
+client gets ``421 4.7.0``, and each failure is logged as ``auth failed client=[ip]
+user=name mechanism=M`` (the line ``contrib/fail2ban`` matches). Deadlines: a session
+with no byte from the client for ``server.timeout`` is closed; each command line (and
+each AUTH response) must be complete within ``command_timeout``, the whole DATA phase
+within ``data_timeout``, else ``421 4.4.2`` and the connection is closed.
 
 What this module does not do: decide anything about a command (``transaction``), check
 message content (``message.Content``), route (``policy``/``router``), deliver (``queue``).
@@ -30,11 +49,13 @@ aiosmtpd is imported here and nowhere else. Its ``Controller`` runs a second loo
 thread, so `SMTPServer` calls ``loop.create_server`` itself with our `Session`, an
 ``aiosmtpd.smtp.SMTP``. What monomail takes from aiosmtpd, public API first:
 
-- ``SMTP.__init__`` (hostname, timeout, loop), ``push`` (one write + drain per step),
-  ``connection_made``/``connection_lost`` (asyncio protocol methods we extend; STARTTLS
-  is not offered, so each is called once per connection), and the documented
-  ``line_length_limit`` (1001), which is the StreamReader's limit: longer command lines
-  are skipped and refused.
+- ``SMTP.__init__`` (hostname, timeout, loop, tls_context, authenticator), ``push`` (one
+  write + drain per step), ``smtp_STARTTLS``, ``auth_PLAIN``/``auth_LOGIN`` with the
+  ``authenticator`` callback and ``AuthResult``/``LoginPassword``,
+  ``connection_made``/``connection_lost``/``data_received`` (asyncio protocol methods we
+  extend; after STARTTLS aiosmtpd's TLS layer calls ``connection_made`` again), and the
+  documented ``line_length_limit`` (1001), which is the StreamReader's limit: longer
+  command lines are skipped and refused.
 
 aiosmtpd internals monomail depends on (no public way exists; tested with aiosmtpd
 1.4.6, and ``pyproject.toml`` pins ``>=1.4.6,<1.5``):
@@ -46,7 +67,7 @@ aiosmtpd internals monomail depends on (no public way exists; tested with aiosmt
 2. ``SMTP._reader``: the connection's ``asyncio.StreamReader``, set by
    ``SMTP._cb_client_connected``.
 3. ``SMTP._reset_timeout()``: restarts aiosmtpd's idle timer (``server.timeout``);
-   called after each accepted command and at most once a second while content is read.
+   called on every piece of data the client sends.
 """
 
 from __future__ import annotations
@@ -56,22 +77,33 @@ import logging
 import socket
 import time
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, TLSSetupException
 
 from . import maillog, policy
+from .auth import Authenticator
 from .envelope import Address, Envelope, new_id
-from .errors import LOCAL_ERROR, TOO_MANY_CONNECTIONS, Reply, RouteError
-from .message import received_header
+from .errors import LOCAL_ERROR, TOO_MANY_CONNECTIONS, AuthUnavailable, Reply, RouteError
+from .limits import Connections, FailureWindow, client_key
+from .message import Content, completion_fields, received_header
 from .queue import Queue
 from .router import Tables
-from .settings import Config
-from .transaction import Message, Next, Step, Transaction, wire
+from .settings import Config, Listen
+from .tls import Certificates, describe
+from .transaction import AUTH_INVALID, Message, Next, Step, Transaction, wire
 
 log = logging.getLogger("monomail.smtp")
 IDENT = "ESMTP monomail"
 END_LINE = b".\r\n"
 JOIN_IN_THREAD = 256 * 1024  # content larger than this is joined in a worker thread
 YIELD_EVERY = 256  # content pieces read without a pause for other sessions at most
+MX, SUBMISSION, SUBMISSIONS = "mx", "submission", "submissions"  # the kinds of listener
+
+TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+AUTH_BLOCKED = Reply(421, "4.7.0", "Too many authentication failures, try again later")
+COMMAND_TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for a command, closing connection")
+DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout reading message data, closing connection")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
+AUTH_EXCHANGE_FAILED = Reply(501, "5.5.2", "Authentication exchange failed")  # aiosmtpd said why
 
 _AIOSMTPD_LOG = logging.getLogger("mail.log")
 _AIOSMTPD_LOG.setLevel(logging.WARNING)  # aiosmtpd logs every connection at INFO
@@ -86,42 +118,63 @@ class _NoHooks:
 class Session(SMTP):
     """One SMTP connection: aiosmtpd's protocol object, our command loop."""
 
-    def __init__(self, server: SMTPServer) -> None:
+    AuthLoginUsernameChallenge = "Username:"  # what clients expect (aiosmtpd's has a NUL)
+    AuthLoginPasswordChallenge = "Password:"
+
+    def __init__(self, server: SMTPServer, kind: str = MX) -> None:
         self.mm = server
+        self.kind = kind
         cfg = server.config
         self.peer_ip = "127.0.0.1"
+        self.client = ""  # the limits' key for this client (limits.client_key)
         self.trusted = False
+        self._starting_tls = False
+        self._credentials: LoginPassword | None = None
+        certs = server.certificates
         super().__init__(  # size, SMTPUTF8, the greeting are the core's: aiosmtpd's own commands are unused
             _NoHooks(),
             hostname=cfg.hostname,  # else aiosmtpd asks socket.getfqdn() on every connection
             timeout=cfg.server.timeout,
             loop=server.loop,
+            tls_context=certs.front if certs else None,
+            authenticator=self._capture,
         )
-        self.core = Transaction(cfg, self._check_recipient)
+        self.core = Transaction(cfg, self._check_recipient, tls=certs is not None, submission=kind != MX,
+                                owner=self._owns)
 
     def _check_recipient(self, address: Address, sender: str) -> object:
-        return policy.check_recipient(address, self.mm.config, trusted=self.trusted, sender=sender,
-                                      tables=self.mm.tables)
+        return policy.check_recipient(address, self.mm.config, trusted=self.trusted or self.core.login is not None,
+                                      sender=sender, tables=self.mm.tables)
+
+    def _owns(self, login: str, address: str) -> bool:
+        return policy.owns(login, address, self.mm.config, self.mm.tables)
 
     # -- connection bookkeeping ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if len(self.mm.sessions) >= self.mm.config.server.max_connections:
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(wire((TOO_MANY_CONNECTIONS,)))
-            transport.close()
+        if self._starting_tls:  # aiosmtpd's TLS layer after the STARTTLS handshake
+            super().connection_made(transport)
             return
-        self.mm.sessions.add(self)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
-        self.trusted = policy.is_trusted(self.peer_ip, self.mm.config)
+        refusal = self.mm.admit(self)
+        if refusal is not None:
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(wire((refusal,)))
+            transport.close()
+            return
+        if self.kind == SUBMISSIONS:  # implicit TLS: the handshake is done already
+            self.core.tls_started(describe(transport.get_extra_info("ssl_object")))
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self not in self.mm.sessions:  # refused above: aiosmtpd never saw it
+        if not self.mm.release(self):  # refused above: aiosmtpd never saw it
             return
-        self.mm.sessions.discard(self)
         super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        self._reset_timeout()  # internal 3: the idle timer counts from the client's last byte
+        super().data_received(data)
 
     # -- the command loop (replaces aiosmtpd's, internal 1) -----------------------
 
@@ -130,12 +183,17 @@ class Session(SMTP):
             await self._send((self.core.greeting(IDENT),))
             while self.transport is not None:
                 step = await self._next_command()
+                if step.next is Next.AUTH:
+                    step = await self._authenticate()
                 await self._send(step.replies)
                 if step.next is Next.CONTENT:
                     if not await self._read_content():
                         return
-                    await self._send((await self._finish_message(),))
-                elif step.next is Next.CLOSE:
+                    step = self.core.answer(await self._finish_message())
+                    await self._send(step.replies)
+                if step.next is Next.STARTTLS and not await self._start_tls():
+                    return
+                if step.next is Next.CLOSE:
                     self.hang_up()
                     return
         except asyncio.CancelledError:  # aiosmtpd's connection_lost / eof_received
@@ -150,65 +208,129 @@ class Session(SMTP):
     async def _next_command(self) -> Step:
         reader = self._reader  # internal 2
         try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:  # longer than line_length_limit: skip it
-            await reader.read(exc.consumed)
-            while True:
+            async with asyncio.timeout(self.mm.config.server.command_timeout):
                 try:
-                    await reader.readuntil(b"\n")
-                    break
-                except asyncio.LimitOverrunError as more:
-                    await reader.read(more.consumed)
-            return self.core.overlong()
+                    line = await reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError as exc:  # longer than line_length_limit: skip it
+                    await reader.read(exc.consumed)
+                    while True:
+                        try:
+                            await reader.readuntil(b"\n")
+                            break
+                        except asyncio.LimitOverrunError as more:
+                            await reader.read(more.consumed)
+                    return self.core.overlong()
+        except TimeoutError:
+            log.info("timeout waiting for a command from [%s]", self.peer_ip)
+            return Step((COMMAND_TIMEOUT,), Next.CLOSE)
         try:
             step = self.core.receive(line)
         except Exception as exc:  # nobody classified it: temporary
             log.error("internal error in SMTP session with [%s]: %r", self.peer_ip, exc, exc_info=exc)
             return Step((LOCAL_ERROR,))
-        if isinstance(step.refused, RouteError):
+        if isinstance(step.refused, RouteError) or (step.refused and step.refused.reply.status.startswith("5.7")):
             log.info("refused %s client=[%s]: %s", maillog.printable(line[:300].rstrip(b"\r\n")),
                      self.peer_ip, maillog.printable(step.refused.detail))
-        if step.replies[0].code < 400:
-            self._reset_timeout()  # internal 3
         return step
+
+    # -- STARTTLS and AUTH ------------------------------------------------------------
+
+    async def _start_tls(self) -> bool:
+        """aiosmtpd's STARTTLS (it writes the 220); False if the handshake failed."""
+        self._starting_tls = True
+        try:
+            async with asyncio.timeout(self.mm.config.server.command_timeout):
+                await self.smtp_STARTTLS("")
+        except (TLSSetupException, TimeoutError, ConnectionError, OSError) as exc:
+            cause = exc.__cause__ or exc
+            log.info("TLS handshake failed client=[%s]: %s", self.peer_ip, maillog.printable(repr(cause)))
+            self.hang_up()
+            return False
+        self.core.tls_started(describe(self.transport.get_extra_info("ssl_object") if self.transport else None))
+        return True
+
+    def _capture(self, server: object, session: object, envelope: object, mechanism: str,
+                 auth_data: object) -> AuthResult:
+        """aiosmtpd's authenticator: keep what the exchange read; `_authenticate` checks it."""
+        self._credentials = auth_data if isinstance(auth_data, LoginPassword) else None
+        return AuthResult(success=True, handled=True)
+
+    async def _authenticate(self) -> Step:
+        request = self.core.auth_request
+        assert request is not None
+        mechanism, initial = request
+        if self.mm.failures.blocked(self.client):
+            log.warning("auth blocked client=[%s]: too many failures", self.peer_ip)
+            return Step((AUTH_BLOCKED,), Next.CLOSE)
+        exchange = self.auth_PLAIN if mechanism == "PLAIN" else self.auth_LOGIN
+        self._credentials = None
+        try:
+            async with asyncio.timeout(self.mm.config.server.command_timeout):
+                result = await exchange(self, [mechanism, *([initial] if initial else [])])
+        except TimeoutError:
+            return Step((COMMAND_TIMEOUT,), Next.CLOSE)
+        except ValueError:  # a response line over aiosmtpd's line_length_limit
+            return self.core.answer(AUTH_LINE_TOO_LONG)
+        credentials, self._credentials = self._credentials, None
+        if not result.success or credentials is None:  # aiosmtpd has answered (501 ...)
+            return self.core.answer(AUTH_EXCHANGE_FAILED, sent=True)
+        user = credentials.login.decode("utf-8", "replace")
+        try:
+            login = await self.mm.auth.check(user, credentials.password, client_ip=self.peer_ip)
+        except AuthUnavailable as exc:
+            log.error("auth unavailable client=[%s] user=%s: %s", self.peer_ip, maillog.printable(user),
+                      maillog.printable(exc.detail))
+            return self.core.answer(exc.reply)
+        if login is None:
+            self.mm.failures.fail(self.client)
+            log.warning("auth failed client=[%s] user=%s mechanism=%s", self.peer_ip,
+                        maillog.printable(user), mechanism)
+            return self.core.answer(AUTH_INVALID)
+        log.info("auth ok client=[%s] user=%s mechanism=%s", self.peer_ip, maillog.printable(login), mechanism)
+        return self.core.authenticated(login)
 
     async def _read_content(self) -> bool:
         """Read the content to the end-of-data line, feeding the core's `Content`; False
         (connection closed) if something went wrong that nobody classified."""
         content = self.core.content
         assert content is not None
-        reader = self._reader
-        tail = b"\r\n"  # the content begins at the start of a line
-        pieces = 0
-        reset_at = self.loop.time() + 1.0
         try:
-            while True:
-                try:
-                    piece = await reader.readuntil(END_LINE)
-                except asyncio.LimitOverrunError as exc:  # no ".\r\n" in a buffer's worth
-                    piece = await reader.read(exc.consumed)
-                else:
-                    before = piece[-5:-3] if len(piece) >= 5 else (tail + piece[:-3])[-2:]
-                    if before == b"\r\n":  # CRLF . CRLF: the end (that CRLF ends the last line)
-                        content.feed(piece[:-3])
-                        break
-                content.feed(piece)
-                tail = piece[-2:]
-                pieces += 1
-                if self.loop.time() > reset_at:
-                    self._reset_timeout()  # internal 3
-                    reset_at = self.loop.time() + 1.0
-                if pieces % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # many short pieces: let the other sessions in
+            async with asyncio.timeout(self.mm.config.server.data_timeout):
+                await self._read_pieces(content)
         except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
             raise
+        except TimeoutError:
+            log.info("timeout reading DATA from [%s]", self.peer_ip)
+            await self._send((DATA_TIMEOUT,))
+            self.hang_up()
+            return False
         except Exception as exc:
             log.error("internal error reading DATA from [%s]: %r", self.peer_ip, exc, exc_info=exc)
             await self._send((LOCAL_ERROR,))
             self.hang_up()
             return False
-        self._reset_timeout()
         return True
+
+    async def _read_pieces(self, content: Content) -> None:
+        """Content pieces up to each ``.<CR><LF>`` (or a buffer's worth) until the end line."""
+        reader = self._reader  # internal 2
+        tail = b"\r\n"  # the content begins at the start of a line
+        pieces = 0
+        while True:
+            try:
+                piece = await reader.readuntil(END_LINE)
+            except asyncio.LimitOverrunError as exc:  # no ".\r\n" in a buffer's worth
+                piece = await reader.read(exc.consumed)
+            else:
+                before = piece[-5:-3] if len(piece) >= 5 else (tail + piece[:-3])[-2:]
+                if before == b"\r\n":  # CRLF . CRLF: the end (that CRLF ends the last line)
+                    content.feed(piece[:-3])
+                    break
+            content.feed(piece)
+            tail = piece[-2:]
+            pieces += 1
+            if pieces % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # many short pieces: let the other sessions in
 
     async def _finish_message(self) -> Reply:
         try:
@@ -228,18 +350,22 @@ class Session(SMTP):
         rcpts = msg.recipients
         header = received_header(
             helo=msg.helo, peer_ip=self.peer_ip, hostname=cfg.hostname, protocol=msg.protocol,
-            queue_id=qid, recipient=rcpts[0] if len(rcpts) == 1 else None, when=now,
+            queue_id=qid, recipient=rcpts[0] if len(rcpts) == 1 else None, when=now, tls=msg.tls,
         )
+        if msg.login is not None:  # submitted by a mail client: complete what it left out
+            header += completion_fields(msg.content.header, sender=msg.sender, hostname=cfg.hostname,
+                                        queue_id=qid, when=now)
         if msg.content.size > JOIN_IN_THREAD:
             data = await asyncio.to_thread(msg.content.join, header)
         else:
             data = msg.content.join(header)
         env = Envelope(qid, msg.sender, rcpts, now, msg.smtputf8, len(data))
-        maillog.received(env, client=self.peer_ip, helo=msg.helo)
+        maillog.received(env, client=self.peer_ip, helo=msg.helo, tls=msg.tls, user=msg.login)
         return await self.mm.queue.accept(env, data)
 
     async def _send(self, replies: tuple[Reply, ...]) -> None:
-        await self.push(wire(replies)[:-2])  # push adds the last CRLF
+        if replies:
+            await self.push(wire(replies)[:-2])  # push adds the last CRLF
 
     def hang_up(self) -> None:
         if self.transport is not None:
@@ -247,30 +373,79 @@ class Session(SMTP):
 
 
 class SMTPServer:
-    """Listens on every ``server.listen`` address; owns the sessions."""
+    """Listens on the MX and submission addresses; owns the sessions and their limits.
 
-    def __init__(self, config: Config, queue: Queue, tables: Tables | None = None) -> None:
+    ``certificates`` (None: no TLS) must be given when submission ports are configured;
+    ``auth`` checks AUTH credentials (submission only)."""
+
+    def __init__(self, config: Config, queue: Queue, tables: Tables | None = None, *,
+                 certificates: Certificates | None = None, auth: Authenticator | None = None) -> None:
         self.config = config
         self.queue = queue
         self.tables = tables
+        self.certificates = certificates
+        self.auth = auth if auth is not None else Authenticator(config.auth)
         self.sessions: set[Session] = set()
+        self.per_client = Connections(config.server.max_connections_per_ip)
+        self.failures = FailureWindow(config.auth.auth_failures, time.monotonic)
         self.servers: list[asyncio.Server] = []
+        self.kinds: list[str] = []  # each server's kind of listener, in `servers` order
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        for addr in self.config.server.listen:
-            family = socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC
-            server = await self.loop.create_server(
-                lambda: Session(self), host=addr.host, port=addr.port, family=family,
-                reuse_address=True, backlog=512,
-            )
-            self.servers.append(server)
-            log.info("listening on %s", addr)
+        sub = self.config.submission
+        if (sub.listen or sub.listen_tls) and self.certificates is None:
+            raise RuntimeError("submission ports need the TLS certificates")
+        for kind, addresses in ((MX, self.config.server.listen), (SUBMISSION, sub.listen),
+                                (SUBMISSIONS, sub.listen_tls)):
+            for addr in addresses:
+                await self._listen(kind, addr)
+
+    async def _listen(self, kind: str, addr: Listen) -> None:
+        assert self.loop is not None
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC
+        implicit = kind == SUBMISSIONS and self.certificates is not None
+        server = await self.loop.create_server(
+            lambda: Session(self, kind), host=addr.host, port=addr.port, family=family,
+            reuse_address=True, backlog=512,
+            ssl=self.certificates.front if implicit and self.certificates else None,
+            ssl_handshake_timeout=min(self.config.server.command_timeout, 60.0) if implicit else None,
+        )
+        self.servers.append(server)
+        self.kinds.append(kind)
+        log.info("listening on %s (%s)", addr, kind)
+
+    def admit(self, session: Session) -> Reply | None:
+        """A new connection: count it, or the 421 that refuses it (nothing counted then)."""
+        if len(self.sessions) >= self.config.server.max_connections:
+            return TOO_MANY_CONNECTIONS
+        session.trusted = policy.is_trusted(session.peer_ip, self.config)
+        session.client = client_key(session.peer_ip)
+        if not session.trusted and not self.per_client.open(session.client):
+            log.info("refused connection from [%s]: %d connections from it already", session.peer_ip,
+                     self.per_client.count(session.client))
+            return TOO_MANY_FROM_CLIENT
+        self.sessions.add(session)
+        return None
+
+    def release(self, session: Session) -> bool:
+        """A connection ended; False if it was never admitted."""
+        if session not in self.sessions:
+            return False
+        self.sessions.discard(session)
+        if not session.trusted:
+            self.per_client.close(session.client)
+        return True
 
     @property
     def ports(self) -> list[int]:
         return [s.sockets[0].getsockname()[1] for s in self.servers if s.sockets]
+
+    def port(self, kind: str) -> int:
+        """The first port of one kind of listener (``mx``, ``submission``, ``submissions``)."""
+        return next(s.sockets[0].getsockname()[1] for s, k in zip(self.servers, self.kinds, strict=True)
+                    if k == kind and s.sockets)
 
     async def close(self, grace: float) -> None:
         """Stop accepting; let sessions finish for up to ``grace`` seconds; close the rest."""

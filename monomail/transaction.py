@@ -24,10 +24,26 @@ digits only, at most ``server.max_message_size``), BODY=7BIT/8BITMIME and SMTPUT
 anything else 555 5.5.4; a bad value 501 5.5.4; the null recipient (501 5.1.3); too
 many recipients (452 4.5.3); a bare local part gets ``local.primary_domain``; the loop
 guard after DATA (554 5.4.6, ``server.max_received_headers``). VRFY never says whether
-a user exists (252 2.5.2).
+a user exists (252 2.5.2). Every 4xx/5xx reply counts towards ``server.max_errors``;
+the reply that reaches it is followed by 421 4.7.0 and the end of the session
+(Postfix's ``smtpd_hard_error_limit``); a delivered message starts the count again.
+
+TLS and authentication, as the face set the session up (``tls``: STARTTLS can be
+offered; ``submission``: a submission port, where AUTH is offered over TLS only and
+required before MAIL): STARTTLS (RFC 3207) outside a transaction answers 220 and
+`Next.STARTTLS`; after the handshake the face calls `Transaction.tls_started` and the
+session starts again from the greeting state (§4.2: nothing said before counts). AUTH
+(RFC 4954) takes PLAIN and LOGIN; its exchange and the password check are the face's
+(`Next.AUTH`, then `Transaction.authenticated` or `Transaction.answer`). Before TLS,
+AUTH gets 538 5.7.11; MAIL before AUTH on a submission port 530 5.7.0. An
+authenticated user may send only as an address ``owner`` says is theirs: MAIL FROM
+553 5.7.1, a From field 550 5.7.1 (RFC 6409 §4.1, as Postfix's
+``reject_sender_login_mismatch``). The Received protocol names ESMTPS/ESMTPA/ESMTPSA
+(RFC 3848; UTF8SMTP… likewise, RFC 6531).
 
 RFCs: 5321 (commands, sequence, replies, limits §4.5.3.1), 1870 (SIZE), 6152 (8BITMIME),
-6531 (SMTPUTF8), 2920 (PIPELINING), 2034 and 3463 (enhanced status codes: every reply
+6531 (SMTPUTF8), 2920 (PIPELINING), 3207 (STARTTLS), 4954 (AUTH), 4616 (PLAIN),
+6409 (submission), 3848 (protocol names), 2034 and 3463 (enhanced status codes: every reply
 carries one except the greeting, the HELO/EHLO lines and 354).
 """
 
@@ -51,7 +67,7 @@ from .errors import (
     Reply,
     ReplyError,
 )
-from .message import LOOP, Content
+from .message import LOOP, Content, from_addresses
 from .settings import Config
 
 COMMAND_LIMIT = 512  # RFC 5321 §4.5.3.1.4
@@ -74,19 +90,22 @@ class Next(enum.Enum):
     COMMAND = "command"  # read the next command line
     CONTENT = "content"  # read message content up to the end-of-data line, then `end_data`
     CLOSE = "close"  # close the connection
+    STARTTLS = "starttls"  # do the TLS handshake, then `tls_started` (or close on failure)
+    AUTH = "auth"  # do the SASL exchange for `Transaction.auth_request`, then `authenticated`
 
 
 _ANY = {"HELO": State.READY, "EHLO": State.READY, "QUIT": State.CLOSED}
 TRANSITIONS: dict[State, dict[str, State]] = {
-    State.CONNECTED: {**_ANY, "RSET": State.CONNECTED},
-    State.READY: {**_ANY, "RSET": State.READY, "MAIL": State.SENDER},
+    State.CONNECTED: {**_ANY, "RSET": State.CONNECTED, "STARTTLS": State.CONNECTED},
+    State.READY: {**_ANY, "RSET": State.READY, "MAIL": State.SENDER, "STARTTLS": State.CONNECTED,
+                  "AUTH": State.READY},
     State.SENDER: {**_ANY, "RSET": State.READY, "RCPT": State.RECIPIENTS},
     State.RECIPIENTS: {**_ANY, "RSET": State.READY, "RCPT": State.RECIPIENTS, "DATA": State.DATA},
     State.DATA: {},  # content, not commands; `end_data` leads back to READY
     State.CLOSED: {},
 }
 STATELESS = frozenset({"NOOP", "VRFY", "HELP"})  # allowed in every command state, change nothing
-NOT_IMPLEMENTED = frozenset({"EXPN", "STARTTLS", "AUTH", "BDAT", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML"})
+NOT_IMPLEMENTED = frozenset({"EXPN", "BDAT", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML"})
 
 NEED_HELO = Reply(503, "5.5.1", "Send HELO or EHLO first")
 NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
@@ -96,6 +115,9 @@ OUT_OF_SEQUENCE: dict[tuple[State, str], Reply] = {
     (State.CONNECTED, "MAIL"): NEED_HELO,
     (State.CONNECTED, "RCPT"): NEED_HELO,
     (State.CONNECTED, "DATA"): NEED_HELO,
+    (State.CONNECTED, "AUTH"): NEED_HELO,
+    (State.SENDER, "AUTH"): Reply(503, "5.5.1", "AUTH not allowed in a mail transaction"),
+    (State.RECIPIENTS, "AUTH"): Reply(503, "5.5.1", "AUTH not allowed in a mail transaction"),
     (State.READY, "RCPT"): NEED_MAIL,
     (State.READY, "DATA"): NEED_MAIL,
     (State.SENDER, "DATA"): NEED_RCPT,
@@ -118,6 +140,22 @@ BAD_SIZE = Reply(501, "5.5.4", "SIZE must be a number")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 CANNOT_VRFY = Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt delivery")
 UNKNOWN_TOPIC = Reply(504, "5.5.4", "HELP topic not known")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Authentication not enabled")
+AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_DONE = Reply(503, "5.5.1", "Already authenticated")
+AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+FROM_NOT_OWNED = Reply(550, "5.7.1", "From: address not owned by the authenticated user")
+MECHANISMS = ("PLAIN", "LOGIN")
 
 SYNTAX = {
     "HELO": "HELO hostname",
@@ -130,14 +168,19 @@ SYNTAX = {
     "VRFY": "VRFY <address>",
     "HELP": "HELP [command]",
     "QUIT": "QUIT",
+    "STARTTLS": "STARTTLS",
+    "AUTH": "AUTH mechanism [initial-response]",
 }
-_NO_ARGUMENT = {verb: Reply(501, "5.5.4", f"Syntax: {SYNTAX[verb]}") for verb in ("DATA", "RSET", "QUIT")}
+_NO_ARGUMENT = {verb: Reply(501, "5.5.4", f"Syntax: {SYNTAX[verb]}") for verb in ("DATA", "RSET", "QUIT", "STARTTLS")}
 _NEEDS_ARGUMENT = {verb: Reply(501, "5.5.4", f"Syntax: {SYNTAX[verb]}") for verb in ("HELO", "EHLO", "VRFY")}
 _DIGITS = re.compile(r"[0-9]+\Z")  # not str.isdigit(): that takes "²", "١٢" and "１２"
 
 Check = Callable[[Address, str], object]
 """The recipient policy: called with the recipient (domain filled in) and the sender
 ("" for <>); raises `ReplyError` (usually ``RouteError``) to refuse."""
+
+Owner = Callable[[str, str], bool]
+"""May the authenticated user (first argument, the login) send as this address?"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +200,10 @@ class Message:
     recipients: tuple[str, ...]
     smtputf8: bool
     helo: str
-    protocol: str  # for the Received field: SMTP, ESMTP or UTF8SMTP
+    protocol: str  # for the Received field: SMTP, ESMTP, UTF8SMTP, with S (TLS) and A (AUTH)
     content: Content
+    login: str | None = None  # the authenticated user
+    tls: str = ""  # the session's TLS version and cipher ("" in plain text)
 
 
 def wire(replies: Sequence[Reply]) -> bytes:
@@ -168,25 +213,40 @@ def wire(replies: Sequence[Reply]) -> bytes:
     return "".join(f"{line}\r\n" for line in out).encode("utf-8", "surrogateescape")
 
 
+_AFTER = {"STARTTLS": Next.STARTTLS, "AUTH": Next.AUTH}  # commands the face completes
+
+
 class Transaction:
     """One SMTP session's protocol state: HELO, the current transaction, the content.
 
     ``strict`` is the network face: command lines must end in CRLF and DATA lines are
     checked for bare CR/LF and length. ``check`` is the recipient policy (see `Check`).
+    ``tls``: STARTTLS may be offered; ``secured``: the connection is TLS already (implicit
+    TLS, its description); ``submission``: AUTH offered over TLS and required, and
+    ``owner`` says which sender addresses an authenticated user may use.
     """
 
-    def __init__(self, config: Config, check: Check, *, strict: bool = True) -> None:
+    def __init__(self, config: Config, check: Check, *, strict: bool = True, tls: bool = False,
+                 secured: str = "", submission: bool = False, owner: Owner | None = None) -> None:
         self.hostname = config.hostname
         self.max_size = config.server.max_message_size
         self.max_recipients = config.server.max_recipients
         self.max_received = config.server.max_received_headers
         self.primary_domain = config.local.primary_domain
+        self.max_errors = config.server.max_errors
         self.check = check
         self.strict = strict
+        self.tls_offered = tls
+        self.tls = secured
+        self.submission = submission
+        self.owner = owner
+        self.login: str | None = None
+        self.auth_request: tuple[str, str | None] | None = None  # (mechanism, initial response)
         self.state = State.CONNECTED
         self.helo_name = ""
         self.extended = False
         self.unrecognized = 0
+        self.errors = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -216,6 +276,9 @@ class Transaction:
         limit = COMMAND_LIMIT + (MAIL_EXTRA if verb == "MAIL" and self.extended else 0)
         if len(line) > limit:
             return Step((COMMAND_TOO_LONG,))
+        return self._counted(self._decide(verb, arg_bytes, line, bare_lf))
+
+    def _decide(self, verb: str, arg_bytes: bytes, line: bytes, bare_lf: bool) -> Step:
         if verb in NOT_IMPLEMENTED:
             return Step((UNIMPLEMENTED,))
         handler = self._handlers.get(verb)
@@ -236,11 +299,46 @@ class Transaction:
         if after is not None:
             self.state = after
         nxt = {State.DATA: Next.CONTENT, State.CLOSED: Next.CLOSE}.get(self.state, Next.COMMAND)
-        return Step(replies, nxt)
+        return Step(replies, _AFTER.get(verb, nxt))
+
+    def _counted(self, step: Step) -> Step:
+        """Count an error reply towards ``max_errors``; the one that reaches it ends the session."""
+        if not step.replies or step.replies[0].code < 400 or step.next is Next.CLOSE:
+            return step
+        self.errors += 1
+        if self.errors < self.max_errors:
+            return step
+        self.state = State.CLOSED
+        return Step((*step.replies, TOO_MANY_ERRORS), Next.CLOSE, step.refused)
 
     def overlong(self) -> Step:
         """A command line too long even to be read whole (the face skipped it)."""
-        return Step((COMMAND_TOO_LONG,))
+        return self._counted(Step((COMMAND_TOO_LONG,)))
+
+    def answer(self, reply: Reply, *, sent: bool = False) -> Step:
+        """A reply the face decided (the end of DATA, an AUTH result), counted like the
+        core's own: a delivered message (2xx after DATA) starts the error count again.
+        ``sent``: the face has written the reply itself; the Step holds only what follows."""
+        if reply.code < 400:
+            if reply.code == 250:
+                self.errors = 0
+            return Step(() if sent else (reply,))
+        step = self._counted(Step((reply,)))
+        return Step(step.replies[1:], step.next) if sent else step
+
+    def tls_started(self, description: str) -> None:
+        """The STARTTLS handshake succeeded: back to the greeting state (RFC 3207 §4.2)."""
+        self._reset()
+        self.state = State.CONNECTED
+        self.helo_name = ""
+        self.extended = False
+        self.tls = description
+
+    def authenticated(self, login: str) -> Step:
+        """The face checked the credentials of `auth_request`: ``login`` is the user."""
+        self.login = login
+        self.auth_request = None
+        return Step((AUTH_OK,))
 
     def _allowed(self, verb: str) -> State | None:
         """The state after ``verb`` succeeds (None: unchanged), or the sequence error."""
@@ -259,8 +357,12 @@ class Transaction:
 
     def ehlo(self, name: str) -> tuple[Reply, ...]:
         replies = self._greet("EHLO", name)
-        return (*replies, *(Reply(250, "", ext) for ext in (
-            f"SIZE {self.max_size}", "8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES")))
+        extensions = [f"SIZE {self.max_size}", "8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES"]
+        if self.tls_offered and not self.tls:
+            extensions.append("STARTTLS")
+        if self.submission and self.tls and self.login is None:
+            extensions.append("AUTH " + " ".join(MECHANISMS))
+        return (*replies, *(Reply(250, "", ext) for ext in extensions))
 
     def _greet(self, verb: str, name: str) -> tuple[Reply, ...]:
         if not name:
@@ -271,6 +373,8 @@ class Transaction:
         return (Reply(250, "", self.hostname),)
 
     def mail(self, arg: str) -> tuple[Reply, ...]:
+        if self.submission and self.login is None:
+            raise ProtocolError(AUTH_REQUIRED, "MAIL before AUTH")
         if arg[:5].upper() != "FROM:":
             raise ProtocolError(MAIL_SYNTAX)
         address, params = parse_path(arg[5:], smtputf8=False)
@@ -286,8 +390,13 @@ class Transaction:
             elif key != "SMTPUTF8" or value is not None:
                 raise ProtocolError(UNKNOWN_PARAM, f"MAIL parameter {key}")
         self.sender = str(address) if address else ""
+        if self.login is not None and self.sender and not self._owns(self.sender):
+            raise ProtocolError(SENDER_NOT_OWNED, f"{self.login} may not send as {self.sender}")
         self.smtputf8 = "SMTPUTF8" in params
         return (SENDER_OK,)
+
+    def _owns(self, address: str) -> bool:
+        return self.owner is not None and self.login is not None and self.owner(self.login, address)
 
     def rcpt(self, arg: str) -> tuple[Reply, ...]:
         if arg[:3].upper() != "TO:":
@@ -339,9 +448,36 @@ class Transaction:
             raise ProtocolError(_NO_ARGUMENT["QUIT"])
         return (BYE,)
 
+    def starttls(self, arg: str) -> tuple[Reply, ...]:
+        if not self.tls_offered and not self.tls:
+            raise ProtocolError(UNIMPLEMENTED)
+        if self.tls:
+            raise ProtocolError(TLS_ACTIVE)
+        if arg:
+            raise ProtocolError(_NO_ARGUMENT["STARTTLS"])
+        return (READY_FOR_TLS,)
+
+    def auth(self, arg: str) -> tuple[Reply, ...]:
+        if not self.submission:
+            raise ProtocolError(AUTH_NOT_ENABLED)
+        if not self.extended:
+            raise ProtocolError(AUTH_NEEDS_EHLO)
+        if not self.tls:
+            raise ProtocolError(AUTH_NEEDS_TLS, "AUTH before STARTTLS")
+        if self.login is not None:
+            raise ProtocolError(AUTH_DONE)
+        words = arg.split()
+        if not 1 <= len(words) <= 2:
+            raise ProtocolError(AUTH_SYNTAX)
+        mechanism = words[0].upper()
+        if mechanism not in MECHANISMS:
+            raise ProtocolError(AUTH_MECHANISM, f"AUTH {mechanism[:20]}")
+        self.auth_request = (mechanism, words[1] if len(words) == 2 else None)
+        return ()
+
     _handlers: dict[str, Callable[[Transaction, str], tuple[Reply, ...]]] = {
         "HELO": helo, "EHLO": ehlo, "MAIL": mail, "RCPT": rcpt, "DATA": data, "RSET": rset,
-        "NOOP": noop, "VRFY": vrfy, "HELP": help, "QUIT": quit,
+        "NOOP": noop, "VRFY": vrfy, "HELP": help, "QUIT": quit, "STARTTLS": starttls, "AUTH": auth,
     }
 
     # -- the end of DATA ---------------------------------------------------------------
@@ -360,5 +496,10 @@ class Transaction:
             return exc.reply
         if content.received > self.max_received:
             return LOOP
-        protocol = ("UTF8SMTP" if smtputf8 else "ESMTP") if self.extended else "SMTP"
-        return Message(sender, tuple(recipients), smtputf8, self.helo_name, protocol, content)
+        if self.login is not None and not all(map(self._owns, from_addresses(content.header))):
+            return FROM_NOT_OWNED
+        protocol = "SMTP"
+        if self.extended:
+            protocol = ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if self.tls else "") + ("A" if self.login else "")
+        return Message(sender, tuple(recipients), smtputf8, self.helo_name, protocol, content,
+                       self.login, self.tls)
