@@ -346,9 +346,13 @@ echo "testssl exit $?"
     assert finding("cipherlist_STRONG").startswith("offered"), summary
     ciphers = [k for k in findings if k.startswith("cipher-")]
     assert ciphers and all(k.startswith(("cipher-tls1_2_", "cipher-tls1_3_")) for k in ciphers), summary
-    # No finding about protocols, ciphers, renegotiation or compression rated worse than OK/INFO.
+    # No finding about protocols, ciphers, renegotiation or compression rated worse than OK/INFO. Not
+    # judged: the certificate (self-signed, one day), and session resumption, where testssl 3.0's
+    # read/written-bytes heuristic may say "check failed, pls report" although openssl s_client shows
+    # "Reused" (monomail's resumed TLS 1.2 handshake reads a few more bytes than it writes).
     judged = {k: f for k, f in findings.items()
-              if not k.startswith(("cert", "engine_problem", "scanTime", "OCSP", "DNS_CAA", "TLS_session_ticket"))}
+              if not k.startswith(("cert", "engine_problem", "scanTime", "OCSP", "DNS_CAA", "TLS_session_ticket",
+                                   "sessionresumption_"))}
     bad = {k: (f["severity"], f["finding"]) for k, f in judged.items()
            if f["severity"] in ("WARN", "LOW", "MEDIUM", "HIGH", "CRITICAL")}
     assert not bad, summary
