@@ -184,13 +184,13 @@ class Session(SMTP):
             while self.transport is not None:
                 step = await self._next_command()
                 if step.next is Next.AUTH:
-                    step = await self._authenticate()
-                await self._send(step.replies)
+                    step = await self._auth_exchange()
+                await self._send_step(step)
                 if step.next is Next.CONTENT:
                     if not await self._read_content():
                         return
                     step = self.core.answer(await self._finish_message())
-                    await self._send(step.replies)
+                    await self._send_step(step)
                 if step.next is Next.STARTTLS and not await self._start_tls():
                     return
                 if step.next is Next.CLOSE:
@@ -251,11 +251,11 @@ class Session(SMTP):
 
     def _capture(self, server: object, session: object, envelope: object, mechanism: str,
                  auth_data: object) -> AuthResult:
-        """aiosmtpd's authenticator: keep what the exchange read; `_authenticate` checks it."""
+        """aiosmtpd's authenticator: keep what the exchange read; `_auth_exchange` checks it."""
         self._credentials = auth_data if isinstance(auth_data, LoginPassword) else None
         return AuthResult(success=True, handled=True)
 
-    async def _authenticate(self) -> Step:
+    async def _auth_exchange(self) -> Step:
         request = self.core.auth_request
         assert request is not None
         mechanism, initial = request
@@ -366,6 +366,11 @@ class Session(SMTP):
     async def _send(self, replies: tuple[Reply, ...]) -> None:
         if replies:
             await self.push(wire(replies)[:-2])  # push adds the last CRLF
+
+    async def _send_step(self, step: Step) -> None:
+        data = step.wire
+        if data:
+            await self.push(data[:-2])
 
     def hang_up(self) -> None:
         if self.transport is not None:

@@ -57,12 +57,16 @@ def make_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_ciphers(CIPHERS)
     ctx.verify_mode = ssl.CERT_NONE
+    for path in (cert, key):  # load_cert_chain's own errors do not say which file
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(KEY, f"{path}: {exc.strerror}") from None
     try:
         ctx.load_cert_chain(str(cert), str(key))
-    except FileNotFoundError as exc:
-        raise ConfigError(KEY, f"{exc.filename}: no such file") from None
     except OSError as exc:
-        raise ConfigError(KEY, f"{exc.filename or cert}: {exc.strerror}") from None
+        raise ConfigError(KEY, f"{cert}: {exc.strerror}") from None
     except ssl.SSLError as exc:
         raise ConfigError(KEY, f"{cert} / {key}: not a usable PEM certificate chain and key ({exc.reason})") from None
     return ctx

@@ -25,16 +25,17 @@ anything else 555 5.5.4; a bad value 501 5.5.4; the null recipient (501 5.1.3); 
 many recipients (452 4.5.3); a bare local part gets ``local.primary_domain``; the loop
 guard after DATA (554 5.4.6, ``server.max_received_headers``). VRFY never says whether
 a user exists (252 2.5.2). Every 4xx/5xx reply counts towards ``server.max_errors``;
-the reply that reaches it is followed by 421 4.7.0 and the end of the session
+the reply that reaches it is followed by a 421 4.7.0 reply and the end of the session
 (Postfix's ``smtpd_hard_error_limit``); a delivered message starts the count again.
 
 TLS and authentication, as the face set the session up (``tls``: STARTTLS can be
 offered; ``submission``: a submission port, where AUTH is offered over TLS only and
-required before MAIL): STARTTLS (RFC 3207) outside a transaction answers 220 and
-`Next.STARTTLS`; after the handshake the face calls `Transaction.tls_started` and the
-session starts again from the greeting state (§4.2: nothing said before counts). AUTH
-(RFC 4954) takes PLAIN and LOGIN; its exchange and the password check are the face's
-(`Next.AUTH`, then `Transaction.authenticated` or `Transaction.answer`). Before TLS,
+required before MAIL): STARTTLS (RFC 3207) outside a transaction is `Next.STARTTLS`
+(the face's TLS layer writes the 220 and does the handshake); after the handshake
+the face calls `Transaction.tls_started` and the session starts again from the
+greeting state (§4.2: nothing said before counts). AUTH (RFC 4954) takes PLAIN and
+LOGIN; its exchange and the password check are the face's (`Next.AUTH`, then
+`Transaction.authenticated` or `Transaction.answer`). Before TLS,
 AUTH gets 538 5.7.11; MAIL before AUTH on a submission port 530 5.7.0. An
 authenticated user may send only as an address ``owner`` says is theirs: MAIL FROM
 553 5.7.1, a From field 550 5.7.1 (RFC 6409 §4.1, as Postfix's
@@ -142,7 +143,6 @@ CANNOT_VRFY = Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt deliver
 UNKNOWN_TOPIC = Reply(504, "5.5.4", "HELP topic not known")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 
-READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 TLS_ACTIVE = Reply(503, "5.5.1", "TLS already active")
 AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Authentication not enabled")
 AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
@@ -187,9 +187,15 @@ Owner = Callable[[str, str], bool]
 class Step:
     """The answer to one command line."""
 
-    replies: tuple[Reply, ...]
+    replies: tuple[Reply, ...]  # one reply (a multi-line one for EHLO)
     next: Next = Next.COMMAND
     refused: ReplyError | None = None  # the error behind a refusal, for the face's log
+    then: Reply | None = None  # a second reply written right after (421 at the error limit)
+
+    @property
+    def wire(self) -> bytes:
+        """What the face writes for this step."""
+        return wire(self.replies) + (wire((self.then,)) if self.then else b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +315,7 @@ class Transaction:
         if self.errors < self.max_errors:
             return step
         self.state = State.CLOSED
-        return Step((*step.replies, TOO_MANY_ERRORS), Next.CLOSE, step.refused)
+        return Step(step.replies, Next.CLOSE, step.refused, TOO_MANY_ERRORS)
 
     def overlong(self) -> Step:
         """A command line too long even to be read whole (the face skipped it)."""
@@ -324,7 +330,7 @@ class Transaction:
                 self.errors = 0
             return Step(() if sent else (reply,))
         step = self._counted(Step((reply,)))
-        return Step(step.replies[1:], step.next) if sent else step
+        return Step((), step.next, then=step.then) if sent else step
 
     def tls_started(self, description: str) -> None:
         """The STARTTLS handshake succeeded: back to the greeting state (RFC 3207 §4.2)."""
@@ -455,7 +461,7 @@ class Transaction:
             raise ProtocolError(TLS_ACTIVE)
         if arg:
             raise ProtocolError(_NO_ARGUMENT["STARTTLS"])
-        return (READY_FOR_TLS,)
+        return ()  # the face's TLS layer writes the 220 and does the handshake
 
     def auth(self, arg: str) -> tuple[Reply, ...]:
         if not self.submission:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 TIMEOUT = 5.0
-UNTRUSTED = {"trusted_networks": ["192.0.2.0/24"]}
+UNTRUSTED = {"trusted_networks": ["192.0.2.0/24"], "max_errors": 1000}  # many refusals in one session
 
 RELAY_ATTEMPTS = [
     "<x@remote.test>",

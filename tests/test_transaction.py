@@ -230,7 +230,7 @@ def _codes(lines: list[str]) -> list[tuple[str, str]]:
 
 
 def test_serve_and_sendmail_bs_answer_the_same(serve: Any, tmp_path: Path):
-    server = serve(server={"max_recipients": 2, "max_message_size": 10000})
+    server = serve(server={"max_recipients": 2, "max_message_size": 10000, "max_errors": 1000})
     via_serve = []
     with Client(server.port, greet=False) as c:
         via_serve.append(c._line().decode())

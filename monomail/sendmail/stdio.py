@@ -71,12 +71,15 @@ class StdioSMTP:
                 except Exception as exc:  # nobody classified it: temporary, as serve answers
                     log.error("internal error in the -bs session: %r", exc)
                     step = Step((LOCAL_ERROR,))
-            self.send(step.replies)
+            self.wfile.write(step.wire)
+            self.wfile.flush()
             if step.next is Next.CONTENT:
                 if not self._read_content():
                     return EX_OK  # the client went away in DATA: nothing was accepted
-                self.send((self._finish(),))
-            elif step.next is Next.CLOSE:
+                step = self.core.answer(self._finish())
+                self.wfile.write(step.wire)
+                self.wfile.flush()
+            if step.next is Next.CLOSE:
                 return EX_OK
 
     def _read_content(self) -> bool:
