@@ -11,6 +11,7 @@ Everything runs on loopback; testssl runs inside a private network namespace hol
 from __future__ import annotations
 
 import json
+import logging
 import mailbox
 import os
 import shlex
@@ -189,10 +190,11 @@ def test_postfix_limited_to_tls_1_1_defers(mx: Any, postfix: Any) -> None:
 # -- a client limited to TLS 1.1 -------------------------------------------------------------
 
 
-def starttls_then(port: int, payload: bytes, timeout: float = 10) -> bytes:
-    """Open an SMTP session, EHLO, STARTTLS (220), send ``payload`` raw and return everything the server
-    sends back until it closes the connection or is silent for ``timeout`` seconds."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+def starttls_then(port: int, payload: bytes, timeout: float = 10, source: str | None = None) -> bytes:
+    """Open an SMTP session (from ``source``), EHLO, STARTTLS (220), send ``payload`` raw and return
+    everything the server sends back until it closes the connection or is silent for ``timeout`` seconds."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(source, 0) if source else None) as s:
         f = s.makefile("rb")
 
         def reply() -> bytes:
@@ -226,7 +228,8 @@ def client_hello(ctx: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.MemoryBIO, byt
     return obj, incoming, outgoing.read()
 
 
-def test_python_client_limited_to_tls_1_1_is_refused_by_the_server(mx: Any) -> None:
+def test_python_client_limited_to_tls_1_1_is_refused_by_the_server(mx: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="monomail.smtp")
     obj, incoming, hello = client_hello(legacy_context(ssl.TLSVersion.TLSv1_1))
     # The client did offer TLS 1.1: a handshake record holding a ClientHello with version 3.2.
     assert hello[:1] == b"\x16" and hello[5:6] == b"\x01" and hello[9:11] == b"\x03\x02", hello[:16].hex()
@@ -240,6 +243,37 @@ def test_python_client_limited_to_tls_1_1_is_refused_by_the_server(mx: Any) -> N
     incoming.write_eof()
     with pytest.raises(ssl.SSLError):
         obj.do_handshake()
+    # And the server says why: its own OpenSSL refused the protocol version.
+    wait_until(lambda: "TLS handshake failed" in caplog.text, timeout=10)
+    assert "UNSUPPORTED_PROTOCOL" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("payload", ["tls-1.1-hello", "garbage", "nothing"])
+def test_failed_starttls_handshakes_do_not_use_up_the_per_address_limit(serve: Any, cert: tuple[str, str],
+                                                                         payload: str) -> None:
+    """Each STARTTLS whose handshake fails (old client, garbage, client gone) must give its connection
+    slot back: after more failures than max_connections_per_ip, the address is still served."""
+    server = serve(tls={"cert": cert[0], "key": cert[1]},
+                   server={"trusted_networks": ["127.0.0.1/32"], "max_connections_per_ip": 3})
+    for _ in range(5):
+        if payload == "tls-1.1-hello":
+            data = client_hello(legacy_context(ssl.TLSVersion.TLSv1_1))[2]
+        else:
+            data = b"GET / HTTP/1.0\r\n\r\n" * 20 if payload == "garbage" else b""
+        starttls_then(server.port, data, timeout=3, source="127.0.0.9")
+    deadline = time.monotonic() + 10
+    while True:
+        with smtplib.SMTP(timeout=30, source_address=("127.0.0.9", 0)) as c:
+            code, banner = c.connect("127.0.0.1", server.port)
+            if code == 220 or time.monotonic() > deadline:
+                break
+        time.sleep(0.2)
+    assert code == 220, banner
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30, source_address=("127.0.0.9", 0)) as c:
+        c.starttls(context=client_context())
+        assert c.send_message(message("after failures"), "sender@remote.test", ["alice@example.test"]) == {}
+    (msg,) = wait_mail(server, 1)
+    assert msg["Subject"] == "after failures"
 
 
 def test_python_client_with_the_same_settings_but_tls_1_2_succeeds(mx: Any) -> None:
