@@ -21,7 +21,7 @@ COPY deploy/container.toml /etc/monomail/monomail.toml
 WORKDIR /var/spool/monomail
 USER monomail
 VOLUME ["/var/spool/monomail", "/var/mail"]
-EXPOSE 2525
+EXPOSE 2525 2587 2465
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s CMD ["monomail", "check-config", "-c", "/etc/monomail/monomail.toml"]
 CMD ["monomail", "serve", "-c", "/etc/monomail/monomail.toml"]

@@ -1,4 +1,4 @@
-"""The ``monomail`` command: serve, check-config, queue.
+"""The ``monomail`` command: serve, check-config, queue, route, passwd.
 
 Job: parse arguments, load the config, call the right face, map failures to exit codes:
 0 success, 1 runtime failure, 2 bad usage or bad configuration (the error names the
@@ -36,6 +36,7 @@ from .record import QueuedRecipient, QueueEntry
 from .schedule import duration
 from .settings import Config
 from .spool import Spool
+from .tls import make_context
 
 
 def _version() -> str:
@@ -59,9 +60,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    if config.tls.cert is not None and config.tls.key is not None:
+        make_context(config.tls.cert, config.tls.key)  # ConfigError (tls.cert) if unusable
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    listen = ", ".join(str(x) for x in config.server.listen)
+    sub = config.submission
+    listen = ", ".join([str(x) for x in config.server.listen] + [f"{x} (submission)" for x in sub.listen]
+                       + [f"{x} (submission, implicit TLS)" for x in sub.listen_tls])
     print(f"{config.path}: OK (hostname {config.hostname}, listening on {listen}, "
           f"{len(config.users)} users, {len(config.aliases)} aliases, "
           f"domains {', '.join(sorted(config.local.domains))})")

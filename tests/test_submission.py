@@ -48,7 +48,7 @@ def set_password(tmp_path: Path, user: str, password: str) -> None:
     from conftest import ROOT
 
     done = subprocess.run([sys.executable, "-m", "monomail", "passwd", user, "-c", str(tmp_path / "monomail.toml")],
-                          input=PASSWORD if password is None else password, capture_output=True, text=True,
+                          input=password, capture_output=True, text=True,
                           timeout=30, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
 
@@ -255,6 +255,8 @@ def test_an_authenticated_user_sends_only_as_her_own_addresses(submit_server, dn
         smtp.sendmail("al@example.test", ["friend@remote.test"], message(sender='"Al" <al@example.test>'))
     wait_until(lambda: len(peer.received) == 1)
     assert peer.received[0].mail_from == "al@example.test"
+    head = peer.received[0].data.split(b"\r\n\r\n", 1)[0]
+    assert b"with ESMTPSA id" in head and b"(using TLSv1." in head  # 465: implicit TLS is TLS too
 
 
 # -- acceptance 6 (first half): what submitted mail carries ---------------------------------
@@ -347,6 +349,16 @@ def test_submission_without_tls_is_a_config_error(tmp_path):
     assert done.returncode == 2 and "submission.listen" in done.stderr
 
 
+def test_check_config_loads_the_certificate(tmp_path):
+    files = tls_files(tmp_path)
+    path = write_config(tmp_path, tls=files, submission={"listen": ["127.0.0.1:587"]})
+    done = cli("check-config", "-c", str(path))
+    assert done.returncode == 0 and "127.0.0.1:587 (submission)" in done.stdout, done.stderr
+    Path(files["key"]).write_text("garbage\n")
+    done = cli("check-config", "-c", str(path))
+    assert done.returncode == 2 and "tls.cert" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_relay_by_authenticated_user_uses_relay_helper(serve, dns, port, peers, tmp_path):
     """An untrusted client that has not authenticated may not relay, on any port."""
     server = relay(serve, dns, port, **submission_overrides(tmp_path))
@@ -357,3 +369,68 @@ def test_relay_by_authenticated_user_uses_relay_helper(serve, dns, port, peers, 
         smtp.docmd("MAIL", "FROM:<x@elsewhere.test>")
         code, text = smtp.docmd("RCPT", "TO:<friend@remote.test>")
         assert (code, text[:5]) == (554, b"5.7.1")
+
+
+# -- acceptance 2, the Dovecot backend: the same answers from a real Dovecot ------------------
+
+
+@pytest.mark.parametrize("kind", ["submission", "submissions"])
+def test_dovecot_backend_authenticates_relays_and_blocks(serve, tmp_path, dns, port, peers, kind):
+    from dovecot import running_dovecot
+
+    dns.mx("remote.test", (10, "mx.remote.test"))
+    dns.a("mx.remote.test", "127.0.0.2")
+    peer = peers("127.0.0.2", port)
+    with running_dovecot({"alice": PASSWORD}) as dv:
+        server = serve(**submission_overrides(tmp_path, auth={"dovecot": f"dovecot:{dv.socket}"},
+                                              dns={"nameservers": [dns.address], "timeout": "2s"},
+                                              remote={"port": port}))
+        with connect(server, kind) as smtp:
+            if kind == "submission":
+                smtp.ehlo("laptop.test")
+                assert smtp.docmd("MAIL", "FROM:<alice@example.test>")[0] == 530
+                smtp.starttls(context=client_context())
+            smtp.ehlo("laptop.test")
+            smtp.user, smtp.password = "alice", PASSWORD
+            assert smtp.auth("LOGIN", smtp.auth_login, initial_response_ok=False)[0] == 235
+            smtp.sendmail("alice@example.test", ["friend@remote.test"], message())
+            assert smtp.docmd("MAIL", "FROM:<bob@example.test>")[0] == 553
+        wait_until(lambda: len(peer.received) == 1)
+        for who in ("alice", "nosuchuser", "alice", "nosuchuser", "alice"):
+            with connect(server, kind) as smtp:
+                if kind == "submission":
+                    smtp.starttls(context=client_context())
+                smtp.ehlo("laptop.test")
+                assert login_plain(smtp, who, "wrong") == (535, b"5.7.8 Authentication credentials invalid")
+        with connect(server, kind) as smtp:
+            if kind == "submission":
+                smtp.starttls(context=client_context())
+            smtp.ehlo("laptop.test")
+            assert login_plain(smtp)[0] == 421
+
+
+def test_bad_auth_exchanges_get_clear_answers_and_the_session_goes_on(submit_server):
+    server = submit_server()
+    with connect(server, "submissions") as smtp:
+        smtp.ehlo("laptop.test")
+        assert smtp.docmd("AUTH", "CRAM-MD5")[:1] == (504,)
+        assert smtp.docmd("AUTH")[:1] == (501,)
+        assert smtp.docmd("AUTH", "PLAIN !!!notbase64")[:1] == (501,)
+        assert smtp.docmd("AUTH", "PLAIN " + base64.b64encode(b"no nul bytes").decode())[:1] == (501,)
+        assert smtp.docmd("AUTH", "LOGIN")[0] == 334
+        assert smtp.docmd("*")[:1] == (501,)  # the client cancels (RFC 4954 §4)
+        assert smtp.docmd("AUTH", "PLAIN")[0] == 334
+        assert smtp.docmd("A" * 3000)[0] in (500, 501)  # an over-long response line
+        smtp.rset()
+        assert login_plain(smtp)[0] == 235
+        smtp.sendmail("alice@example.test", ["carol@example.test"], message())
+    wait_until(lambda: len(maildir(server, "carol")) == 1)
+
+
+def test_dovecot_down_is_a_temporary_failure(serve, tmp_path):
+    server = serve(**submission_overrides(tmp_path, auth={"dovecot": f"dovecot:{tmp_path / 'no-such-socket'}"}))
+    with connect(server, "submissions") as smtp:
+        smtp.ehlo("laptop.test")
+        code, text = login_plain(smtp)
+        assert (code, text[:5]) == (454, b"4.7.0")
+        assert smtp.noop()[0] == 250  # not counted as a password failure, not closed
