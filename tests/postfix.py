@@ -260,30 +260,48 @@ class PostfixPeer:
         env["MAIL_CONFIG"] = str(self.config_dir)
         return env
 
-    def start(self, timeout: float = 30) -> PostfixPeer:
+    def start(self, timeout: float = 60, attempts: int = 3) -> PostfixPeer:
+        """Write the config and start the instance; wait for its own banner (``220 postfix.peer.test``),
+        so a stranger that took the port first is never mistaken for it. A port lost to a race is
+        retried with a fresh one (when the port was not given)."""
         reason = postfix_unavailable()
         if reason:
             raise RuntimeError(reason)
-        if self.port == 0:
-            self.port = _free_port(self.host)
+        chosen = self.port
+        errors = []
+        for _ in range(attempts):
+            self.port = chosen or _free_port(self.host)
+            try:
+                return self._start_once(timeout)
+            except RuntimeError as e:
+                errors.append(str(e))
+                self.stop(keep_base=True)
+                with contextlib.suppress(FileNotFoundError):
+                    self.maillog.rename(self.maillog.with_suffix(f".failed{len(errors)}"))
+                if chosen:
+                    break
+        raise RuntimeError("Postfix did not start: " + " | ".join(errors))
+
+    def _start_once(self, timeout: float) -> PostfixPeer:
         self._write_config()
         done = self.postfix("check")
         if done.returncode != 0:
             raise RuntimeError(f"postfix check failed: {done.stderr.strip()}")
         done = self.postfix("start")
-        if done.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"postfix start failed: {done.stderr.strip()} {self.log()[-2000:]}")
         self.started = True
+        if done.returncode != 0:
+            raise RuntimeError(f"postfix start failed: {done.stderr.strip()} {self.log()[-2000:]}")
+        banner = f"220 {self.main_cf()['myhostname']} ".encode()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if re.search(r"fatal: .*bind|fatal: .*[Aa]ddress already in use", self.log()):
+                break
             with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.5) as s:
                 s.settimeout(5)
-                if s.recv(100).startswith(b"220"):
+                if s.recv(200).startswith(banner):
                     return self
             time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"postfix did not start listening on {self.host}:{self.port}: {self.log()[-2000:]}")
+        raise RuntimeError(f"postfix did not answer on {self.host}:{self.port}: {self.log()[-2000:]}")
 
     def master_pid(self) -> int | None:
         try:
@@ -308,9 +326,9 @@ class PostfixPeer:
                         pids.append(int(entry))
         return pids
 
-    def stop(self, timeout: float = 20) -> None:
+    def stop(self, timeout: float = 20, keep_base: bool = False) -> None:
         """``postfix stop``, then SIGKILL whatever of this instance is left; the temp dir goes too
-        when this object made it."""
+        when this object made it (unless ``keep_base``)."""
         pids = self._processes()
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             self.postfix("stop", timeout=timeout)
@@ -322,7 +340,7 @@ class PostfixPeer:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         self.started = False
-        if self._own_base:
+        if self._own_base and not keep_base:
             shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> PostfixPeer:
