@@ -338,6 +338,7 @@ class Transaction:
         self.state = State.CONNECTED
         self.helo_name = ""
         self.extended = False
+        self.login, self.auth_request = None, None  # (AUTH needs TLS first: nothing to forget today)
         self.tls = description
 
     def authenticated(self, login: str) -> Step:
