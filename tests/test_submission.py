@@ -359,7 +359,7 @@ def test_check_config_loads_the_certificate(tmp_path):
     assert done.returncode == 2 and "tls.cert" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_relay_by_authenticated_user_uses_relay_helper(serve, dns, port, peers, tmp_path):
+def test_an_untrusted_client_without_auth_may_not_relay_even_over_tls(serve, dns, port, peers, tmp_path):
     """An untrusted client that has not authenticated may not relay, on any port."""
     server = relay(serve, dns, port, **submission_overrides(tmp_path))
     with smtplib.SMTP("127.0.0.1", server.port, source_address=(UNTRUSTED, 0), timeout=10) as smtp:
