@@ -54,8 +54,10 @@ from .settings import (
     MAILBOX_FORMATS,
     AliasTargets,
     AuthConfig,
+    ChecksConfig,
     Config,
     Discard,
+    DKIMDomain,
     DNSConfig,
     FiltersConfig,
     Forward,
@@ -382,6 +384,37 @@ def _auth(t: Table, base: Path) -> AuthConfig:
     return cfg
 
 
+def _dkim(t: Table, base: Path) -> dict[str, DKIMDomain]:
+    out: dict[str, DKIMDomain] = {}
+    for raw in list(t.data):
+        domain = keys.domain(raw, t.key(raw))
+        d = t.table(raw)
+        selector, ed_selector = d.string("selector", ""), d.string("ed25519_selector", "")
+        key, ed_key = d.optional_path("key", base), d.optional_path("ed25519_key", base)
+        for name, sel, path in (("selector", selector, key), ("ed25519_selector", ed_selector, ed_key)):
+            if bool(sel) != (path is not None):
+                other = "key" if name == "selector" else "ed25519_key"
+                raise ConfigError(d.key(name), f"{name} and {other} go together")
+            if sel and not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", sel):
+                raise ConfigError(d.key(name), f"not a DKIM selector: {sel!r}")
+        if key is None and ed_key is None:
+            raise ConfigError(d.key("key"), "expected a key (or ed25519_key) for the domain")
+        d.finish()
+        out[domain] = DKIMDomain(domain, selector, key, ed_selector, ed_key)
+    return out
+
+
+def _checks(t: Table) -> ChecksConfig:
+    cfg = ChecksConfig(
+        spf=t.boolean("spf", True),
+        dkim=t.boolean("dkim", True),
+        dmarc=t.string("dmarc", "enforce", ("enforce", "monitor", "off")),
+        arc_seal=t.boolean("arc_seal", True),
+    )
+    t.finish()
+    return cfg
+
+
 def _log(t: Table, base: Path) -> LogConfig:
     level = t.string("level", "info", ("debug", "info", "warning", "error"))
     file = t.string("file", "")
@@ -433,6 +466,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     tls = _tls(top.table("tls"), base)
     submission = _submission(top.table("submission"), tls)
     auth = _auth(top.table("auth"), base)
+    dkim = _dkim(top.table("dkim"), base)
+    checks = _checks(top.table("checks"))
     top.finish()
     return Config(
         path=path,
@@ -454,6 +489,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         tls=tls,
         submission=submission,
         auth=auth,
+        dkim=MappingProxyType(dkim),
+        checks=checks,
         warnings=tuple(warnings),
     )
 

@@ -13,6 +13,12 @@ cache).
 
 Error handling: dnspython's exceptions are mapped into monomail's tree in one place,
 `Resolver._query` (`DestinationError`, whose reply says whether it is permanent).
+
+For the authentication checks and ``monomail dns`` (SPF, DKIM, DMARC, ARC: RFC 7208,
+6376, 7489, 8617), `Resolver.records` answers any of TXT, A, AAAA, MX, PTR, CNAME as
+plain values, and `BlockingLookup` lets code in a worker thread (dkimpy, pyspf) ask
+through the same resolver and settings (``[dns]``): each question runs on the event
+loop, the thread waits.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import asyncio
 import ipaddress
 import random
 from collections import defaultdict
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
@@ -78,6 +85,33 @@ class Resolver:
                                    f"{name} {rdtype}: {type(exc).__name__}: {exc}") from exc
         return answer if answer.rrset is not None else None
 
+    async def records(self, name: str, rdtype: str) -> list[Any]:
+        """The records of ``name``/``rdtype`` as plain values: TXT → bytes (a record's
+        strings joined), A/AAAA → address text, MX → (preference, host), PTR and CNAME →
+        host (no final dot). [] for NXDOMAIN or no records; `DestinationError` (temporary,
+        4.4.3) when the DNS does not answer."""
+        try:
+            answer = await self._query(name, rdtype)
+        except DestinationError as exc:
+            if exc.reply.permanent:  # NXDOMAIN
+                return []
+            raise
+        if answer is None:
+            return []
+        out: list[Any] = []
+        for r in answer:
+            if rdtype == "TXT":
+                out.append(b"".join(r.strings))
+            elif rdtype in ("A", "AAAA"):
+                out.append(r.address)
+            elif rdtype == "MX":
+                out.append((r.preference, r.exchange.to_text(omit_final_dot=True).lower()))
+            elif rdtype in ("PTR", "CNAME"):
+                out.append(r.target.to_text(omit_final_dot=True).lower())
+            else:
+                out.append(r.to_text())
+        return out
+
     async def mx_hosts(self, domain: str) -> list[str]:
         """Host names to try, in order (implicit MX when there are none)."""
         answer = await self._query(domain, "MX")
@@ -117,3 +151,21 @@ class Resolver:
         if not out and temp:
             raise temp
         return out
+
+
+class BlockingLookup:
+    """`Resolver.records` for code running in a worker thread (never on the event loop
+    itself: it would wait for itself). Raises `DestinationError` as `records` does."""
+
+    def __init__(self, resolver: Resolver, loop: asyncio.AbstractEventLoop) -> None:
+        self.resolver = resolver
+        self.loop = loop
+
+    def __call__(self, name: str, rdtype: str) -> list[Any]:
+        future = asyncio.run_coroutine_threadsafe(self.resolver.records(name, rdtype), self.loop)
+        try:
+            return future.result(self.resolver.r.lifetime * 2 + 1)
+        except TimeoutError:
+            future.cancel()
+            raise DestinationError(Reply(451, "4.4.3", f"DNS lookup of {name} {rdtype} failed: no answer"),
+                                   f"{name} {rdtype}: timed out in a worker thread") from None

@@ -185,6 +185,27 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DKIMDomain:
+    """``[dkim."example.test"]``: the keys mail from this domain is signed with."""
+
+    domain: str
+    selector: str  # for the RSA key ("" when only an Ed25519 key is configured)
+    key: Path | None  # PEM private key (RSA), written by `monomail dkim keygen`
+    ed25519_selector: str = ""
+    ed25519_key: Path | None = None  # a second signature, Ed25519 (RFC 8463)
+
+
+@dataclass(frozen=True, slots=True)
+class ChecksConfig:
+    """``[checks]``: what is checked on mail from untrusted clients on the MX port."""
+
+    spf: bool = True
+    dkim: bool = True
+    dmarc: str = "enforce"  # "enforce" | "monitor" | "off"
+    arc_seal: bool = True  # seal forwards and list posts (RFC 8617)
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
     file: Path | None
@@ -211,4 +232,6 @@ class Config:
     tls: TLSConfig = TLSConfig(None, None)
     submission: SubmissionConfig = SubmissionConfig((), ())
     auth: AuthConfig = AuthConfig(Path("passwords"), None, 5)
+    dkim: Mapping[str, DKIMDomain] = field(default_factory=dict)
+    checks: ChecksConfig = ChecksConfig()
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -189,6 +189,20 @@ class DNSServer:
         """MX records: ``dns.mx("example.test", (10, "mx1.example.test"), (20, "mx2.example.test"))``."""
         self.records(domain, "MX", *(f"{int(pref)} {_absolute(host)}" for pref, host in hosts), ttl=ttl)
 
+    def txt(self, name: str, *values: str, ttl: int = 300) -> None:
+        """TXT records, one per value; a value over 255 octets is split into strings
+        (as DKIM keys are): ``dns.txt("example.test", "v=spf1 mx -all")``."""
+        def quoted(value: str) -> str:
+            raw = value.encode()
+            parts = [raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""]
+            return " ".join('"' + p.decode().replace("\\", "\\\\").replace('"', '\\"') + '"' for p in parts)
+        self.records(name, "TXT", *(quoted(v) for v in values), ttl=ttl)
+
+    def ptr(self, address: str, host: str, ttl: int = 300) -> None:
+        """A PTR record for ``address`` (in-addr.arpa / ip6.arpa)."""
+        import ipaddress as _ip
+        self.records(_ip.ip_address(address).reverse_pointer, "PTR", _absolute(host), ttl=ttl)
+
     def null_mx(self, domain: str) -> None:
         """RFC 7505 null MX: a single ``0 .`` record."""
         self.records(domain, "MX", "0 .")

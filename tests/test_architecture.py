@@ -32,6 +32,11 @@ ONE_HOME = {
     "dns": "resolver",
     "tomllib": "config",
     "tomli_w": "importer",
+    "dkim": "dkimsig",
+    "nacl": "dkimsig",
+    "spf": "spfcheck",
+    "authheaders": "dmarc",
+    "authres": "authresults",
 }
 _ROW = re.compile(r"^\|\s*`monomail/([\w/]+?)(?:\.py)?/?`\s*\|\s*(\w+)\s*\|", re.MULTILINE)
 
