@@ -200,7 +200,10 @@ class Deliverer:
                         return [(dest.key, _Result(DELIVERED, f"{where} via recipes {user.recipes}", spawns=spawns))]
             if dest.format == "maildir":
                 loop = asyncio.get_running_loop()
-                folder = dest.path / JUNK if quarantined(data) else dest.path  # mbox: the flag is in the message
+                folder = dest.path
+                if quarantined(data):  # into <maildir>/.Junk (mbox: the flag is in the message)
+                    folder = dest.path / JUNK
+                    await loop.run_in_executor(self.executor, mailstore.ensure_maildir, dest.path)
                 await loop.run_in_executor(self.executor, mailstore.deliver_maildir, folder, chunks)
             else:
                 # a whole-message scan: off the event loop (DESIGN invariant 9)
