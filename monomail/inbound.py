@@ -85,6 +85,8 @@ class Verdict:
         parts += [f"dkim={d.result} (d={d.domain} s={d.selector}: {d.reason})" for d in self.dkim]
         parts += [f"dmarc={d.result} (from={d.from_domain or '-'} p={d.policy or '-'}: {d.reason})"
                   for d in self.dmarc]
+        if self.removed:
+            parts.append(f"(removed {self.removed} field(s) only monomail may write)")
         return " ".join(parts) or "no checks"
 
 

@@ -467,8 +467,9 @@ class Session(SMTP):
                 log.info("refused DATA from [%s] id=%s from=<%s>: %s", self.peer_ip, qid,
                          maillog.printable(msg.sender), maillog.printable(verdict.summary))
                 return verdict.reply
-            if verdict.action == inbound.QUARANTINE:
-                log.info("quarantined id=%s client=[%s]: %s", qid, self.peer_ip, maillog.printable(verdict.summary))
+            log.log(logging.INFO if verdict.action == inbound.QUARANTINE or verdict.removed else logging.DEBUG,
+                    "checked id=%s client=[%s] action=%s: %s", qid, self.peer_ip, verdict.action,
+                    maillog.printable(verdict.summary))
             data = verdict.message
         env = Envelope(qid, msg.sender, rcpts, now, msg.smtputf8, len(data))
         maillog.received(env, client=self.peer_ip, helo=msg.helo, tls=msg.tls, user=msg.login)
