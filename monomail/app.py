@@ -81,7 +81,8 @@ class App:
         self.queue = Queue(self.spool, self.deliverer.attempt, config.queue, hostname=config.hostname,
                            cut_through=config.remote.cut_through, clock=clock)
         certificates = Certificates(config.tls) if config.tls.enabled else None  # ConfigError: unusable
-        self.server = SMTPServer(config, self.queue, self.tables, certificates=certificates)
+        self.server = SMTPServer(config, self.queue, self.tables, certificates=certificates,
+                                   resolver=self.transport.resolver)
         self._runner: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
