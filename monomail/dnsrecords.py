@@ -32,8 +32,9 @@ The records, and the choices where the config leaves room:
 - **A/AAAA** of the host name the MX names: the addresses in ``server.listen``. A
   public address, or a loopback one (a server listening only on loopback is reachable
   only here: its records serve a local test zone, and say so), is printed and compared.
-  For ``0.0.0.0``/``::`` or a private address (behind NAT) the config does not tell the
-  public address: the record is printed commented out, and any A or AAAA counts.
+  When the config names only ``0.0.0.0``/``::`` or private addresses (behind NAT), it
+  does not tell the public address: one A record is printed commented out, and any A or
+  AAAA of the host counts.
 - **PTR** (reverse DNS; receivers want it to name the host, RFC 8601's ``iprev``,
   RFC 1912 §2.1): for each public listen address, its PTR → ``hostname``. For any other
   address it is not checked, and a note says to set it for the server's public address
@@ -166,12 +167,9 @@ def needed(config: Config, domain: str, dkim_records: Mapping[str, str]) -> Plan
 
 def _addresses(config: Config, host: str, notes: list[str]) -> list[Record]:
     out: list[Record] = []
-    seen: set[str] = set()
-    for listen in config.server.listen:
-        address = str(ipaddress.ip_address(listen.host))
-        if address in seen:
-            continue
-        seen.add(address)
+    unknown: list[str] = []  # listen addresses that do not tell the public one
+    unchecked: list[str] = []  # listen addresses whose PTR is not ours to check
+    for address in dict.fromkeys(str(ipaddress.ip_address(x.host)) for x in config.server.listen):
         kind = _address_kind(address)
         rtype = "AAAA" if ":" in address else "A"
         if kind in ("public", "loopback"):
@@ -180,16 +178,19 @@ def _addresses(config: Config, host: str, notes: list[str]) -> list[Record]:
                 comment += f"; {address} is loopback: only for a local test zone, publish the public address instead"
             out.append(Record(host, rtype, address, comment, "address"))
         else:
-            where = "all addresses" if kind == "unspecified" else f"{address}, a private address (behind NAT?)"
-            out.append(Record(host, rtype, "",
-                              f"the address of {host}, which the MX names: the server listens on {where}, "
-                              "so put its public address here; any address counts in --check", "address"))
+            unknown.append("all addresses" if kind == "unspecified" else f"{address} (private: behind NAT?)")
         if kind == "public":
             out.append(Record(ipaddress.ip_address(address).reverse_pointer, "PTR", host,
-                              f"reverse DNS of {address} → {host}: set it with whoever hosts the address", "ptr"))
+                              f"reverse DNS of {address} -> {host}: set it with whoever hosts the address", "ptr"))
         else:
-            notes.append(f"PTR not checked: {address} is {kind}; set the reverse DNS (PTR) of the server's "
-                         f"public address to {host}, with whoever hosts that address")
+            unchecked.append(f"{address} ({'all addresses' if kind == 'unspecified' else kind})")
+    if unknown and not out:
+        out.append(Record(host, "A", "", f"the address of {host}, which the MX names: the server listens on "
+                          f"{', '.join(dict.fromkeys(unknown))}, so put its public address here (and/or an AAAA); "
+                          "--check counts any address", "address"))
+    if unchecked:
+        notes.append(f"PTR not checked for {', '.join(unchecked)}: set the reverse DNS (PTR) of the server's "
+                     f"public address to {host}, with whoever hosts that address")
     return out
 
 
