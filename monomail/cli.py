@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .config import load
 from .control import notify_server
+from .dkimsig import load_signer
 from .dnscmd import add_parser as add_dns_parser
 from .envelope import Status
 from .errors import ConfigError, CorruptEntry, SpoolBusy, SpoolError
@@ -63,6 +64,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config.tls.cert is not None and config.tls.key is not None:
         make_context(config.tls.cert, config.tls.key)  # ConfigError (tls.cert) if unusable
+    load_signer(config)  # ConfigError (dkim."<domain>".key) if a key is unusable
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     sub = config.submission
@@ -248,7 +250,8 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     return 0
 
 
-_OWN_PARSERS = {"import": ".importer", "mail": ".reader", "sendmail": ".sendmail", "deliver": ".mda"}
+_OWN_PARSERS = {"import": ".importer", "mail": ".reader", "sendmail": ".sendmail", "deliver": ".mda",
+                "dkim": ".dkimcmd"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("mail", help="read a mailbox, binmail style (see monomail mail --help)")
     sub.add_parser("sendmail", help="submit a message, sendmail-compatible (see monomail sendmail --help)")
     sub.add_parser("deliver", help="deliver stdin to a local user, for other MTAs (see monomail deliver --help)")
+    sub.add_parser("dkim", help="make a DKIM signing key: monomail dkim keygen DOMAIN (see monomail dkim --help)")
     q = sub.add_parser("queue", help="inspect the mail queue")
     qsub = q.add_subparsers(dest="queue_command", required=True)
     p = qsub.add_parser("list", parents=[common], help="list queued messages")

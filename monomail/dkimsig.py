@@ -420,3 +420,15 @@ def _chain_result(data: bytes, lookup: Lookup) -> str:
     except (_DNSFailure, dkim.DKIMException):
         return "fail"
     return (cv or b"fail").decode("ascii")
+
+
+# --- for mail leaving the host ----------------------------------------------------------
+
+
+def outbound(data: bytes, signer: Signer, *, sender: str, srv_id: str | None, lookup: Lookup) -> bytes:
+    """What ``deliver`` does to a message leaving the host: an ARC seal first when
+    ``srv_id`` is given and the message carries that server's Authentication-Results (it
+    came in from outside: a forward or a list post), then the DKIM signature(s)."""
+    if srv_id:
+        data = arc_seal(data, signer, srv_id=srv_id, lookup=lookup, sender=sender)
+    return sign(data, signer, sender=sender)
