@@ -98,12 +98,18 @@ def check(config: Config, plan: Plan) -> int:
     answers = asyncio.run(_ask(config, plan))
     counts = {PRESENT: 0, MISSING: 0, "different": 0, "unknown": 0}
     for record in plan.records:
-        failed = [a for q in record.lookups() if isinstance(a := answers[q], DestinationError)]
+        found: list[str] = []
+        failed: list[DestinationError] = []
+        for q in record.lookups():
+            answer = answers[q]
+            if isinstance(answer, DestinationError):
+                failed.append(answer)
+            else:
+                found.extend(answer)
         if failed:
             counts["unknown"] += 1
             print(f"{'unknown':9} {_label(record)}: {printable(str(failed[0].reply.text))}")
             continue
-        found = [v for q in record.lookups() for v in answers[q]]  # type: ignore[union-attr]
         finding: Finding = compare(record, found)
         counts[finding.status] += 1
         line = f"{finding.status:9} {_label(record)}"
