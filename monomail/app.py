@@ -33,6 +33,7 @@ from pathlib import Path
 from . import mailstore
 from .control import PID_FILE
 from .deliver import Deliverer
+from .dkimsig import load_signer
 from .errors import SpoolBusy
 from .mboxrewrite import finish_interrupted_rewrite
 from .queue import Queue
@@ -75,11 +76,13 @@ class App:
         self.spool = Spool(config.server.spool_dir)
         self.transport = Transport(config)
         self.tables = FileTables()
-        self.deliverer = Deliverer(config, self.executor, self.transport, self.tables)
+        signer = load_signer(config)  # ConfigError: a DKIM key that cannot be read stops start-up
+        self.deliverer = Deliverer(config, self.executor, self.transport, self.tables, signer)
         self.queue = Queue(self.spool, self.deliverer.attempt, config.queue, hostname=config.hostname,
                            cut_through=config.remote.cut_through, clock=clock)
         certificates = Certificates(config.tls) if config.tls.enabled else None  # ConfigError: unusable
-        self.server = SMTPServer(config, self.queue, self.tables, certificates=certificates)
+        self.server = SMTPServer(config, self.queue, self.tables, certificates=certificates,
+                                   resolver=self.transport.resolver)
         self._runner: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()

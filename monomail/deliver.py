@@ -7,6 +7,10 @@ transaction per domain), and say per recipient: delivered, temporary failure or
 permanent failure. The queue decides what to do with that; this module never touches
 the spool.
 
+Quarantine: a message that ``inbound`` marked as quarantined (DMARC ``p=quarantine``
+failed; `inbound.quarantined`) goes into a Maildir user's ``.Junk`` folder instead of the
+inbox; an mbox user's copy carries the ``X-Spam-Flag: YES`` field.
+
 Speed: one trip to a worker thread per message per mailbox (open, write, fsync, rename
 together, in ``mailstore``), all destinations of a message in parallel, and concurrent
 messages for one mbox file gathered into one locked append with one fsync (group
@@ -38,6 +42,7 @@ from pathlib import Path
 from . import dkimsig, mailstore
 from .envelope import Address, Envelope, Outcome, Spawn, Status
 from .errors import Reply, RouteError, reply_for
+from .inbound import quarantined
 from .message import delivery_headers, header_block
 from .remote import Transport
 from .resolver import BlockingLookup
@@ -50,6 +55,7 @@ DELIVERED = Reply(250, "2.0.0", "Delivered")
 NO_REMOTE = Reply(451, "4.4.0", "Remote delivery is not available here")
 LIST_LOOP = Reply(250, "2.0.0", "Dropped: the message already went through this list")
 LIST_POSTED = Reply(250, "2.0.0", "Posted to the list")
+JUNK = ".Junk"  # a Maildir user's folder for quarantined mail (Maildir++: <maildir>/.Junk)
 _LIST_ID = re.compile(rb"^List-Id:[^\n]*<([^>\n]+)>", re.IGNORECASE | re.MULTILINE)
 
 log = logging.getLogger("monomail.deliver")
@@ -84,13 +90,13 @@ class Deliverer:
     """Delivers messages; owns the mbox group-commit state. One per process."""
 
     def __init__(self, config: Config, executor: Executor, transport: Transport | None = None,
-                 tables: Tables | None = None) -> None:
+                 tables: Tables | None = None, signer: dkimsig.Signer | None = None) -> None:
         self.config = config
         self.executor = executor
         self.transport = transport
         self.tables = tables
         self.filters = UserFilters(config) if config.filters.enabled else None
-        self.signer = dkimsig.load_signer(config)  # ConfigError: a key that cannot be read
+        self.signer = signer  # DKIM keys (``dkimsig.load_signer``); None: mail leaves unsigned
         self._mbox_pending: dict[Path, _MboxBatch] = {}
         self._mbox_writing: set[Path] = set()
 
@@ -194,7 +200,11 @@ class Deliverer:
                         return [(dest.key, _Result(DELIVERED, f"{where} via recipes {user.recipes}", spawns=spawns))]
             if dest.format == "maildir":
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self.executor, mailstore.deliver_maildir, dest.path, chunks)
+                folder = dest.path
+                if quarantined(data):  # into <maildir>/.Junk (mbox: the flag is in the message)
+                    folder = dest.path / JUNK
+                    await loop.run_in_executor(self.executor, mailstore.ensure_maildir, dest.path)
+                await loop.run_in_executor(self.executor, mailstore.deliver_maildir, folder, chunks)
             else:
                 # a whole-message scan: off the event loop (DESIGN invariant 9)
                 chunks[1] = await asyncio.get_running_loop().run_in_executor(self.executor, mailstore.mbox_quote, data)

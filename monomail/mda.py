@@ -48,8 +48,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 from . import maillog
+from .dkimsig import Signer, load_signer
 from .envelope import Address, Envelope, Outcome, Status, parse_path
-from .errors import Failure, ReplyError, SpoolError, UsageError
+from .errors import ConfigError, Failure, ReplyError, SpoolError, UsageError
 from .message import header_fields, split_header
 from .settings import Config
 from .sysexits import EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, fail, run, setup_logging
@@ -143,6 +144,16 @@ def sender_of(given: str | None, from_line: str | None) -> str:
 # -- delivering ---------------------------------------------------------------------------
 
 
+def _signer(config: Config) -> Signer | None:
+    """The DKIM keys, if this user may read them: an MTA may run ``deliver`` as a user
+    who cannot (the keys are 0600); its rare remote sends (forwards) then go unsigned."""
+    try:
+        return load_signer(config)
+    except ConfigError as exc:
+        log.warning("DKIM keys not readable here, forwards leave unsigned: %s", exc)
+        return None
+
+
 async def _attempt(config: Config, env: Envelope, data: bytes) -> list[Outcome]:
     from .deliver import Deliverer
     from .remote import Transport
@@ -151,7 +162,7 @@ async def _attempt(config: Config, env: Envelope, data: bytes) -> list[Outcome]:
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="monomail-mda")
     transport = Transport(config)
     try:
-        deliverer = Deliverer(config, executor, transport, FileTables())
+        deliverer = Deliverer(config, executor, transport, FileTables(), _signer(config))
         return await deliverer.attempt(env, data)
     finally:
         with contextlib.suppress(Exception):

@@ -6,7 +6,11 @@ implicit TLS, RFC 8314), read command lines and message content from each client
 write back what the transaction core (``transaction``) decides; ``policy`` is its
 recipient and sender-ownership check. A complete message gets our Received header (and,
 submitted, the Date and Message-ID it lacks) and goes to ``queue.accept``, whose reply
-is the answer to DATA. The server ends at ``queue.accept()``.
+is the answer to DATA. The server ends at ``queue.accept()``. Mail on the MX port from
+a client outside the trusted networks that has not authenticated is checked first
+(``inbound``: SPF, DKIM, DMARC, in a worker thread): it gets the Authentication-Results
+field, and a DMARC failure under ``p=reject`` with ``checks.dmarc = "enforce"`` is
+answered ``550 5.7.1`` (logged with the results) instead of being queued.
 
 TLS (``tls``): STARTTLS is offered on every listener when ``[tls]`` is set; the
 handshake is aiosmtpd's (``smtp_STARTTLS``), which also discards plain text pipelined
@@ -87,13 +91,14 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, TLSSetupException
 
-from . import maillog, policy
+from . import inbound, maillog, policy
 from .auth import Authenticator
 from .envelope import Address, Envelope, new_id
 from .errors import LOCAL_ERROR, TOO_MANY_CONNECTIONS, AuthUnavailable, Reply, RouteError
 from .limits import Connections, FailureWindow, client_key
 from .message import Content, completion_fields, received_header
 from .queue import Queue
+from .resolver import Resolver
 from .router import Tables
 from .settings import Config, Listen
 from .tls import Certificates, describe
@@ -455,6 +460,17 @@ class Session(SMTP):
             data = await asyncio.to_thread(msg.content.join, header)
         else:
             data = msg.content.join(header)
+        if self.kind == MX and not self.trusted and msg.login is None:  # from outside: checked
+            verdict = await inbound.check(data, client_ip=self.peer_ip, helo=msg.helo, sender=msg.sender,
+                                          config=cfg, resolver=self.mm.resolver)
+            if verdict.reply is not None:
+                log.info("refused DATA from [%s] id=%s from=<%s>: %s", self.peer_ip, qid,
+                         maillog.printable(msg.sender), maillog.printable(verdict.summary))
+                return verdict.reply
+            log.log(logging.INFO if verdict.action == inbound.QUARANTINE or verdict.removed else logging.DEBUG,
+                    "checked id=%s client=[%s] action=%s: %s", qid, self.peer_ip, verdict.action,
+                    maillog.printable(verdict.summary))
+            data = verdict.message
         env = Envelope(qid, msg.sender, rcpts, now, msg.smtputf8, len(data))
         maillog.received(env, client=self.peer_ip, helo=msg.helo, tls=msg.tls, user=msg.login)
         return await self.mm.queue.accept(env, data)
@@ -481,8 +497,10 @@ class SMTPServer:
     ``auth`` checks AUTH credentials (submission only)."""
 
     def __init__(self, config: Config, queue: Queue, tables: Tables | None = None, *,
-                 certificates: Certificates | None = None, auth: Authenticator | None = None) -> None:
+                 certificates: Certificates | None = None, auth: Authenticator | None = None,
+                 resolver: Resolver | None = None) -> None:
         self.config = config
+        self.resolver = resolver or Resolver(config.dns.nameservers, config.dns.timeout)  # inbound checks
         self.queue = queue
         self.tables = tables
         self.certificates = certificates
@@ -497,6 +515,7 @@ class SMTPServer:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        await asyncio.to_thread(inbound.prepare)
         sub = self.config.submission
         if (sub.listen or sub.listen_tls) and self.certificates is None:
             raise RuntimeError("submission ports need the TLS certificates")
