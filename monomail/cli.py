@@ -29,6 +29,7 @@ from pathlib import Path
 from .config import load
 from .control import notify_server
 from .dkimsig import load_signer
+from .dnscmd import add_parser as add_dns_parser
 from .envelope import Status
 from .errors import ConfigError, CorruptEntry, SpoolBusy, SpoolError
 from .maillog import printable
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p.add_argument("--sender", help="show the envelope sender rewrites for mail from this address")
     p.set_defaults(func=cmd_route)
+    add_dns_parser(sub, common)
     p = sub.add_parser("passwd", parents=[common], help="set a user's password for AUTH (read from standard input)")
     p.add_argument("user", metavar="USER")
     p.set_defaults(func=cmd_passwd)
