@@ -64,6 +64,7 @@ SIGNED = ("from", "to", "cc", "subject", "date", "message-id", "mime-version", "
 
 RSA = "rsa-sha256"
 ED25519 = "ed25519-sha256"
+MAX_SIGNATURES = 8  # DKIM-Signatures verified per message (RFC 6376 §6.1); later ones are ignored
 # PKCS#8 PrivateKeyInfo of an Ed25519 key (RFC 8410 §7): this prefix, then the 32-byte seed.
 _ED25519_PKCS8 = bytes.fromhex("302e020100300506032b657004220420")
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\s*(.*?)\s*-----END \1-----", re.DOTALL)
@@ -324,17 +325,18 @@ def _tag(fields: Mapping[bytes, bytes], name: bytes) -> str:
 
 
 def verify(data: bytes, lookup: Lookup) -> list[DKIMResult]:
-    """A verdict for every DKIM-Signature of ``data``, top first; [] for none."""
-    count = sum(1 for f in header_fields(header_block(data))
-                if f.partition(b":")[0].strip().lower() == b"dkim-signature")
-    return [_verify_one(data, i, lookup) for i in range(count)]
-
-
-def _verify_one(data: bytes, idx: int, lookup: Lookup) -> DKIMResult:
+    """A verdict for each of the first `MAX_SIGNATURES` DKIM-Signatures of ``data``, top
+    first ([] for none); the rest are not verified (RFC 6376 §6.1 lets a verifier limit
+    them): each costs a key lookup, a parse and a body hash, and a result in our field."""
     notes = _Notes()
-    d = dkim.DKIM(data, logger=notes)
-    fields: Mapping[bytes, bytes] = {}
+    d = dkim.DKIM(data, logger=notes)  # parsed once for all signatures
     sigs = [v for k, v in d.headers if k.lower() == b"dkim-signature"]
+    return [_verify_one(d, notes, sigs, i, lookup) for i in range(min(len(sigs), MAX_SIGNATURES))]
+
+
+def _verify_one(d: dkim.DKIM, notes: _Notes, sigs: list[bytes], idx: int, lookup: Lookup) -> DKIMResult:
+    notes.errors.clear()
+    fields: Mapping[bytes, bytes] = {}
     try:
         fields = dkim.util.parse_tag_value(sigs[idx])
     except (dkim.util.InvalidTagValueList, IndexError):

@@ -177,6 +177,19 @@ def test_unsigned_mail_is_dkim_none(serve, dns):
     assert "dkim=none" in one_result(server)
 
 
+def test_only_the_first_signatures_are_verified(serve, dns):
+    # Each signature costs a key lookup, a parse and a body hash, and a result in our field:
+    # a message with many may not buy that many (RFC 6376 §6.1 lets a verifier limit them).
+    sigs = "".join(f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=many{i}.test; s=s; h=from;\r\n"
+                   f"\tbh=AAAA; b=AAAA{i}\r\n" for i in range(30))
+    server = start(serve, dns)
+    send(server, message(extra=sigs))
+    result = one_result(server)
+    assert result.count("dkim=") == 8, result
+    assert "header.d=many0.test" in result and "header.d=many7.test" in result
+    assert "header.d=many8.test" not in result
+
+
 # -- DMARC ----------------------------------------------------------------------------
 
 
