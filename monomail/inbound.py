@@ -21,7 +21,9 @@ Not here: which sessions are checked (``server``), the checks themselves, delive
 Cleaning (RFC 8601 §5): every Authentication-Results field that claims our hostname as
 its authserv-id (case-insensitively) is removed, and so is every ``X-Spam-Flag`` field,
 whatever its value: in the delivered message that field is monomail's verdict.
-Fields for other authserv-ids are kept.
+Fields for other authserv-ids are kept. Submitted mail (an authenticated client) is not
+checked, but loses the Authentication-Results fields claiming our hostname all the same
+(`without_our_results`); mail from the trusted networks is left as it is.
 
 How the quarantine verdict reaches delivery: as the message's first field. The added
 fields go on top in this order: ``X-Spam-Flag: YES`` (when quarantined), then the
@@ -120,18 +122,29 @@ def _from_domains(header: bytes) -> list[str]:
     return out[:MAX_FROM_DOMAINS]
 
 
-def _clean(header: bytes, hostname: str) -> tuple[list[bytes], int]:
-    """The header fields to keep (all, when nothing is removed) and how many went."""
+def _clean(header: bytes, hostname: str, flag: bool = True) -> tuple[list[bytes], int]:
+    """The header fields to keep (all, when nothing is removed) and how many went:
+    Authentication-Results claiming ``hostname``, and X-Spam-Flag when ``flag``."""
     kept: list[bytes] = []
     removed = 0
     for f in header_fields(header):
         name, _, value = f.partition(b":")
         name = name.strip().lower()
-        if name == _FLAG_NAME or (name == _AR_NAME and authresults.claims(value, hostname)):
+        if (flag and name == _FLAG_NAME) or (name == _AR_NAME and authresults.claims(value, hostname)):
             removed += 1
         else:
             kept.append(f)
     return kept, removed
+
+
+def without_our_results(data: bytes, hostname: str) -> tuple[bytes, int]:
+    """``data`` without the Authentication-Results fields that claim ``hostname``, and how
+    many went: for submitted mail, which is not checked, so that a user cannot hand
+    results monomail never found to another user or, forwarded, to the world under our
+    ARC seal. Cheap (the header only; the message is copied only when a field goes)."""
+    header, _ = split_header(data)
+    kept, removed = _clean(header, hostname, flag=False)
+    return (b"".join([*kept, data[len(header):]]), removed) if removed else (data, 0)
 
 
 def evaluate(data: bytes, *, client_ip: str, helo: str, sender: str, config: Config,

@@ -10,7 +10,8 @@ is the answer to DATA. The server ends at ``queue.accept()``. Mail on the MX por
 a client outside the trusted networks that has not authenticated is checked first
 (``inbound``: SPF, DKIM, DMARC, in a worker thread): it gets the Authentication-Results
 field, and a DMARC failure under ``p=reject`` with ``checks.dmarc = "enforce"`` is
-answered ``550 5.7.1`` (logged with the results) instead of being queued.
+answered ``550 5.7.1`` (logged with the results) instead of being queued. Submitted mail
+is not checked, but loses any Authentication-Results claiming our hostname.
 
 TLS (``tls``): STARTTLS is offered on every listener when ``[tls]`` is set; the
 handshake is aiosmtpd's (``smtp_STARTTLS``), which also discards plain text pipelined
@@ -471,6 +472,11 @@ class Session(SMTP):
                     "checked id=%s client=[%s] action=%s: %s", qid, self.peer_ip, verdict.action,
                     maillog.printable(verdict.summary))
             data = verdict.message
+        elif msg.login is not None:  # submitted: not checked, but results claiming our name go
+            data, removed = inbound.without_our_results(data, cfg.hostname)
+            if removed:
+                log.info("submitted id=%s by %s: removed %d Authentication-Results claiming our name",
+                         qid, maillog.printable(msg.login), removed)
         env = Envelope(qid, msg.sender, rcpts, now, msg.smtputf8, len(data))
         maillog.received(env, client=self.peer_ip, helo=msg.helo, tls=msg.tls, user=msg.login)
         return await self.mm.queue.accept(env, data)

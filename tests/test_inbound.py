@@ -354,7 +354,9 @@ def test_mail_from_trusted_networks_is_not_checked(serve, dns):
     assert dns.queries == []  # nothing was looked up
 
 
-def test_authenticated_submission_is_not_checked(serve, dns, tmp_path):
+def submit(serve: Any, dns: Any, tmp_path: Path, data: bytes) -> Any:
+    """A monomail with a submission port; ``data`` sent there by alice, authenticated,
+    from outside the trusted networks, to carol."""
     from peers import self_signed_cert
 
     made = self_signed_cert(tmp_path / "tls")
@@ -368,7 +370,6 @@ def test_authenticated_submission_is_not_checked(serve, dns, tmp_path):
                           input=PASSWORD, capture_output=True, text=True, timeout=30,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
-    dns.txt("_dmarc.example.test", "v=DMARC1; p=reject")
     server = start(serve, dns, tls=overrides["tls"], submission=overrides["submission"])
     import ssl
 
@@ -379,7 +380,26 @@ def test_authenticated_submission_is_not_checked(serve, dns, tmp_path):
     with smtplib.SMTP("127.0.0.1", port, source_address=(OUTSIDE, 0), timeout=30) as s:
         s.starttls(context=ctx)
         s.login("alice", PASSWORD)
-        s.sendmail("alice@example.test", ["carol@example.test"], message("alice@example.test", to="carol@example.test"))
+        s.sendmail("alice@example.test", ["carol@example.test"], data)
+    return server
+
+
+def test_authenticated_submission_is_not_checked(serve, dns, tmp_path):
+    dns.txt("_dmarc.example.test", "v=DMARC1; p=reject")
+    server = submit(serve, dns, tmp_path, message("alice@example.test", to="carol@example.test"))
     [msg] = inbox(server, "carol")
     assert ours(msg) == []
     assert not any(name.endswith("example.test") and rdtype == "TXT" for name, rdtype in dns.queries)
+
+
+def test_submitted_results_claiming_our_name_are_removed(serve, dns, tmp_path):
+    # A user may not hand another (or, through a forward or list, the world under our ARC
+    # seal) results that monomail never found.
+    forged = ("Authentication-Results: mx.example.test; dkim=pass header.d=bank.test;\r\n"
+              "\tdmarc=pass header.from=bank.test\r\n"
+              "Authentication-Results: other.test; spf=pass smtp.mailfrom=sender.test\r\n")
+    server = submit(serve, dns, tmp_path, message("alice@example.test", to="carol@example.test", extra=forged))
+    [msg] = inbox(server, "carol")
+    assert ours(msg) == []
+    assert [re.sub(r"\s+", " ", v) for v in msg.get_all("Authentication-Results")] == [
+        "other.test; spf=pass smtp.mailfrom=sender.test"]
