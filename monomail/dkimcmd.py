@@ -3,8 +3,8 @@
 Job: write a new private key (``dkimsig.keygen``: RSA 2048 bits or Ed25519, PEM, mode
 0600, never over an existing file) to ``dkim/<domain>.<selector>.key`` next to the
 config file (or ``--key PATH``), then print the TXT record to publish in zone-file
-syntax (``<selector>._domainkey.<domain>. IN TXT "..."``, the value cut into strings of
-at most 255 octets, RFC 6376 §3.6.2.2, RFC 1035 §3.3.14) and the ``[dkim."<domain>"]``
+syntax (``dnsrecords.zone_line``: ``<selector>._domainkey.<domain>. IN TXT "..."``, the
+value cut into strings of at most 255 octets, RFC 6376 §3.6.2.2, RFC 1035 §3.3.14) and the ``[dkim."<domain>"]``
 lines to add to the config. Not here: signing (``dkimsig``, ``deliver``), the whole set
 of records a domain needs (``monomail dns``). The config file is not read (the key can
 be made before the config mentions it), only its directory is used.
@@ -20,19 +20,11 @@ import os
 import sys
 from pathlib import Path
 
-from . import dkimsig
+from . import dkimsig, dnsrecords
 from .configkeys import domain as parse_domain
 from .errors import ConfigError
 
 DEFAULT_SELECTOR = {"rsa": "mail", "ed25519": "ed"}
-
-
-def zone_line(name: str, value: str, ttl: int = 3600) -> str:
-    """A TXT record in zone-file syntax, the value cut into <= 255-octet strings."""
-    raw = value.encode("ascii")
-    parts = [raw[i:i + 255].decode("ascii") for i in range(0, len(raw), 255)] or [""]
-    strings = " ".join('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in parts)
-    return f"{name}. {ttl} IN TXT {strings}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +67,7 @@ def main(argv: list[str]) -> int:
     shown = os.path.relpath(path.resolve(), base) if path.resolve().is_relative_to(base) else str(path.resolve())
     prefix = "" if args.algorithm == "rsa" else "ed25519_"
     print(f"; wrote {args.algorithm} key {path} (mode 0600); publish this record in the zone of {domain}:")
-    print(zone_line(f"{selector}._domainkey.{domain}", record))
+    print(dnsrecords.zone_line(dnsrecords.Record(f"{selector}._domainkey.{domain}", "TXT", record, "", "dkim")))
     print(f"# and add to {Path(args.config).name}:")
     print(f'[dkim."{domain}"]')
     print(f'{prefix}selector = "{selector}"')
