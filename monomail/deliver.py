@@ -226,7 +226,7 @@ class Deliverer:
             loop = asyncio.get_running_loop()
             seal = functools.partial(dkimsig.outbound, data, self.signer, sender=sender,
                                      lookup=BlockingLookup(self.transport.resolver, loop),
-                                     srv_id=self.config.hostname if self.config.checks.arc_seal else None)
+                                     srv_id=self.config.hostname, seal=self.config.checks.arc_seal)
             try:
                 data = await loop.run_in_executor(self.executor, seal)
             except Exception:  # never lose mail over a signature: send it unsigned

@@ -380,6 +380,9 @@ def _arc_key(data: bytes, signer: Signer, sender: str) -> Key | None:
     return None
 
 
+_DMARC_PASS = re.compile(rb"(?:^|;)\s*dmarc\s*=\s*pass\b", re.IGNORECASE)
+
+
 def _our_results(header: bytes, srv_id: str) -> list[bytes]:
     out = []
     for f in header_fields(header):
@@ -427,10 +430,19 @@ def _chain_result(data: bytes, lookup: Lookup) -> str:
 # --- for mail leaving the host ----------------------------------------------------------
 
 
-def outbound(data: bytes, signer: Signer, *, sender: str, srv_id: str | None, lookup: Lookup) -> bytes:
+def outbound(data: bytes, signer: Signer, *, sender: str, srv_id: str, seal: bool, lookup: Lookup) -> bytes:
     """What ``deliver`` does to a message leaving the host: an ARC seal first when
-    ``srv_id`` is given and the message carries that server's Authentication-Results (it
-    came in from outside: a forward or a list post), then the DKIM signature(s)."""
-    if srv_id:
+    ``seal`` and the message carries the Authentication-Results of ``srv_id`` (our
+    hostname: it came in from outside, and is a forward or a list post), then the DKIM
+    signature(s). A message from outside whose From claims one of our domains is signed
+    only when our results say its DMARC passed: our aligned signature must never turn a
+    forgery (accepted under ``monitor``, ``p=none`` or a temperror) into a DMARC pass at
+    the next receiver."""
+    results = _our_results(header_block(data), srv_id)
+    if seal and results:
         data = arc_seal(data, signer, srv_id=srv_id, lookup=lookup, sender=sender)
+    if results and not any(_DMARC_PASS.search(r) for r in results):
+        from_domains = [_domain_of(a) for a in from_addresses(header_block(data))]
+        if any(d and signer.domain_for(d) for d in from_domains):
+            return data
     return sign(data, signer, sender=sender)

@@ -124,3 +124,17 @@ def test_a_second_hop_extends_an_arc_chain_that_came_in(serve, dns, port, world,
     assert b"i=2; cv=pass" in got.data.replace(b"\r\n ", b" ")
     result = arc_verify(got.data, dns)
     assert result.startswith("pass") and "as.2.example.test=pass" in result and "as.1.other.test=pass" in result, result
+
+
+def test_a_forged_from_of_ours_from_outside_is_forwarded_without_our_signature(serve, dns, port, world,
+                                                                                 keys):  # noqa: F811
+    # From: our own domain, sent in from outside, accepted because DMARC only monitors: a
+    # forward must not lend it an aligned d=example.test signature (the next receiver would
+    # see a DMARC pass for a forgery). The ARC seal records honestly what we saw.
+    server = start(serve, dns, port, keys, checks={"dmarc": "monitor"})
+    forged = MSG.replace(b"From: Poster <poster@elsewhere.test>", b"From: CEO <ceo@example.test>")
+    assert send(server, "bob@example.test", data=forged) == 250
+    (got,) = world.wait_for(1)
+    assert signatures(got.data) == []
+    assert arc_fields(got.data) == ["ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"]
+    assert b"dmarc=pass" not in got.data.split(b"\r\n\r\n", 1)[0]
