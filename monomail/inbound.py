@@ -97,6 +97,14 @@ def quarantined(data: bytes) -> bool:
     return data.startswith(QUARANTINE_FIELD)
 
 
+def prepend(fields: bytes, data: bytes) -> bytes:
+    """Header ``fields`` on top of a stored message, below the quarantine verdict, which
+    must stay its first field (a list post of a quarantined message stays quarantined)."""
+    if quarantined(data):
+        return QUARANTINE_FIELD + fields + data[len(QUARANTINE_FIELD):]
+    return fields + data
+
+
 class _Budget:
     """A lookup that asks through ``lookup`` until the message's budget is spent."""
 

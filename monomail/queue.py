@@ -54,6 +54,7 @@ from . import maillog
 from .dsn import RecipientReport, build_report
 from .envelope import Envelope, Outcome, Status
 from .errors import LOCAL_ERROR, CorruptEntry, Reply, SpoolError
+from .inbound import prepend
 from .record import QueuedRecipient, QueueEntry, new_entry
 from .schedule import expired, next_attempt
 from .settings import QueueConfig
@@ -99,7 +100,7 @@ def journal_spawned(spool: Spool, env: Envelope, data: bytes, outcomes: Sequence
     made = []
     for o in outcomes:
         for spawn in o.spawned:
-            body = spawn.data if spawn.data is not None else spawn.prefix + data
+            body = spawn.data if spawn.data is not None else prepend(spawn.prefix, data)
             child = spool.journal_new(spawn.sender, spawn.recipients, body, smtputf8=env.smtputf8 or None, now=now)
             log.info("%s: to=<%s> made %s from=<%s> nrcpt=%d", env.id, o.recipient, child.id, spawn.sender,
                      len(spawn.recipients))

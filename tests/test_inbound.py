@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, write_config
+from conftest import ROOT, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -403,3 +403,15 @@ def test_submitted_results_claiming_our_name_are_removed(serve, dns, tmp_path):
     assert ours(msg) == []
     assert [re.sub(r"\s+", " ", v) for v in msg.get_all("Authentication-Results")] == [
         "other.test; spf=pass smtp.mailfrom=sender.test"]
+
+
+def test_a_quarantined_list_post_stays_quarantined_for_local_members(serve, dns):
+    dns.txt("_dmarc.shady.test", "v=DMARC1; p=quarantine")
+    server = start(serve, dns, lists={"dev": {"address": "dev@example.test", "members": ["alice", "carol"],
+                                              "policy": "open"}})
+    send(server, message("x@shady.test", to="dev@example.test"), sender="x@shady.test",
+         rcpts=("dev@example.test",), source=STRANGER)
+    wait_until(lambda: len(inbox(server, "carol", ".Junk")) == 1 and len(inbox(server, "alice", ".Junk")) == 1)
+    assert inbox(server, "alice") == [] and inbox(server, "carol") == []
+    [post] = inbox(server, "carol", ".Junk")
+    assert post.get_all("X-Spam-Flag") == ["YES"] and post["List-Id"]
