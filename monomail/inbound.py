@@ -60,7 +60,7 @@ ACCEPT, REJECT, QUARANTINE = "accept", "reject", "quarantine"
 QUARANTINE_FIELD = b"X-Spam-Flag: YES\n"
 DMARC_REJECTED = Reply(550, "5.7.1", "Message refused: it fails its sender domain's DMARC policy")
 MAX_QUESTIONS = 40  # DNS questions one message's checks may ask
-MAX_FROM_DOMAINS = 4  # From domains evaluated for DMARC (a message has one, as a rule)
+MAX_FROM_DOMAINS = 4  # From domains evaluated for DMARC; more fail as under p=reject
 _FLAG_NAME = b"x-spam-flag"
 _AR_NAME = b"authentication-results"
 
@@ -127,7 +127,7 @@ def _from_domains(header: bytes) -> list[str]:
         domain = spfcheck.domain_name(address.rpartition("@")[2]) if "@" in address else ""
         if domain and domain not in out:
             out.append(domain)
-    return out[:MAX_FROM_DOMAINS]
+    return out
 
 
 def _clean(header: bytes, hostname: str, flag: bool = True) -> tuple[list[bytes], int]:
@@ -168,7 +168,10 @@ def evaluate(data: bytes, *, client_ip: str, helo: str, sender: str, config: Con
         domains = _from_domains(header)
         spf_id = (spf.result, spf.domain) if spf is not None else None
         dkim_ids = [(s.result, s.domain) for s in sigs]
-        results = [dmarc.evaluate(d, spf=spf_id, dkim=dkim_ids, lookup=lookup) for d in domains]
+        if len(domains) > MAX_FROM_DOMAINS:  # too many to evaluate: a way around a policy (RFC 7489 §6.6.1)
+            results = [dmarc.DMARCResult("fail", domains[0], "reject", f"{len(domains)} From domains")]
+        else:
+            results = [dmarc.evaluate(d, spf=spf_id, dkim=dkim_ids, lookup=lookup) for d in domains]
         if not domains:
             results = [dmarc.DMARCResult("permerror", "", "", "no From domain to evaluate")]
     action = ACCEPT

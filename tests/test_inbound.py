@@ -415,3 +415,14 @@ def test_a_quarantined_list_post_stays_quarantined_for_local_members(serve, dns)
     assert inbox(server, "alice") == [] and inbox(server, "carol") == []
     [post] = inbox(server, "carol", ".Junk")
     assert post.get_all("X-Spam-Flag") == ["YES"] and post["List-Id"]
+
+
+def test_too_many_from_domains_cannot_hide_one_whose_policy_rejects(serve, dns):
+    dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    server = start(serve, dns)
+    many = "a@x1.test, a@x2.test, a@x3.test, a@x4.test, CEO <ceo@bank.test>"
+    data = message("x@x1.test").replace(b"From: Someone <x@x1.test>", f"From: {many}".encode())
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(server, data, sender="x@x1.test", source=STRANGER)
+    assert refused.value.smtp_code == 550 and refused.value.smtp_error.startswith(b"5.7.1")
+    assert inbox(server) == []
