@@ -34,6 +34,7 @@ ONE_HOME = {
     "tomli_w": "importer",
     "dkim": "dkimsig",
     "nacl": "dkimsig",
+    "cryptography": "dkimsig",
     "spf": "spfcheck",
     "authheaders": "dmarc",
     "authres": "authresults",

@@ -405,3 +405,23 @@ def test_verify_says_pass_fail_temperror_permerror(keys):
     assert dkimsig.verify(signed.replace(b"s=mail", b"s=down.mail"), lookup)[0].result == "temperror"
     assert dkimsig.verify(signed.replace(b"s=mail", b"s=gone"), lookup)[0].result == "permerror"
     assert dkimsig.verify(signed.replace(b"a=rsa-sha256", b"a=rsa-sha999"), lookup)[0].result == "permerror"
+
+
+def test_the_openssl_rsa_signature_is_exactly_the_one_dkimpy_computes(tmp_path):
+    """RSASSA-PKCS1-v1_5 is deterministic: dkimsig's OpenSSL signing (the speed-up) must
+    give byte for byte what dkimpy's own Python arithmetic gives, for DKIM and ARC alike."""
+    import hashlib
+
+    from dkim import crypto
+
+    from monomail import dkimsig
+
+    key = tmp_path / "k.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key)],
+                   check=True, capture_output=True, timeout=60)
+    parsed = crypto.parse_pem_private_key(key.read_bytes())
+    for name in ("sha256", "sha1"):
+        digest = hashlib.new(name, b"the canonicalised header fields")
+        assert dkimsig._rsa_sign(digest, parsed) == crypto.RSASSA_PKCS1_v1_5_sign(digest, parsed)
+    import dkim
+    assert dkim.RSASSA_PKCS1_v1_5_sign is dkimsig._rsa_sign  # what dkimpy's signing calls
