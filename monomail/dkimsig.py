@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from dkim import crypto as dkim_crypto
 
+from .authresults import claims
 from .errors import ConfigError, DestinationError
 from .message import from_addresses, header_block, header_fields
 from .settings import Config
@@ -410,13 +411,12 @@ _DMARC_PASS = re.compile(rb"(?:^|;)\s*dmarc\s*=\s*pass\b", re.IGNORECASE)
 
 
 def _our_results(header: bytes, srv_id: str) -> list[bytes]:
+    """The values of the Authentication-Results fields ``srv_id`` wrote (`authresults.claims`)."""
     out = []
     for f in header_fields(header):
         name, _, value = f.partition(b":")
-        if name.strip().lower() == b"authentication-results":
-            authserv = value.strip().split(b";", 1)[0].split()[:1]
-            if authserv and authserv[0].decode("ascii", "replace").lower() == srv_id.lower():
-                out.append(value)
+        if name.strip().lower() == b"authentication-results" and claims(value, srv_id):
+            out.append(value)
     return out
 
 
