@@ -87,6 +87,19 @@ async def serve_sink_until_signalled(host: str, port: int, hostname: str, handle
     server.close()
 
 
+async def serve_counting_sink(host: str, port: int, handler: Any) -> None:
+    """`serve_sink_until_signalled` for a handler that counts what it drops: the
+    benchmark extension ``XCOUNT`` answers ``250 <first> <second>`` of ``handler.counts()``."""
+    from aiosmtpd.smtp import SMTP
+
+    class CountingSMTP(SMTP):
+        async def smtp_XCOUNT(self, arg: str | None) -> None:
+            first, second = handler.counts()
+            await self.push(f"250 {first} {second}")
+
+    await serve_sink_until_signalled(host, port, "mx.sink.test", handler, CountingSMTP)
+
+
 # -- messages -------------------------------------------------------------------------
 
 
@@ -547,11 +560,12 @@ Amain = Callable[[Path, list[subprocess.Popen[bytes]], list[Callable[[], None]]]
 
 
 def run_benchmark(name: str, prefix: str, args: argparse.Namespace, amain: Amain,
-                  serve_sink: Callable[[int], Coroutine[Any, Any, None]]) -> int:
-    """With ``--serve-sink PORT``, be that sink. Else run ``amain(workdir, procs, closers)`` in a new
-    temporary directory; afterwards kill what is left in ``procs``, call ``closers`` and remove the
-    directory (unless ``--keep``)."""
-    if args.serve_sink is not None:
+                  serve_sink: Callable[[int], Coroutine[Any, Any, None]] | None = None) -> int:
+    """With ``--serve-sink PORT`` (benchmarks that have a ``serve_sink``), be that sink.
+    Else run ``amain(workdir, procs, closers)`` in a new temporary directory; afterwards
+    kill what is left in ``procs``, call ``closers`` and remove the directory (unless
+    ``--keep``)."""
+    if serve_sink is not None and getattr(args, "serve_sink", None) is not None:
         run_loop(serve_sink(args.serve_sink))
         return 0
     workdir = Path(tempfile.mkdtemp(prefix=prefix))

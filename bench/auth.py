@@ -59,7 +59,7 @@ from _common import (
     progress,
     run_benchmark,
     run_sessions,
-    serve_sink_until_signalled,
+    serve_counting_sink,
     start_server,
     stop_server,
 )
@@ -90,17 +90,12 @@ class SignatureSink:
         self.signatures += sum(1 for line in head.split(b"\r\n") if line.lower().startswith(b"dkim-signature:"))
         return "250 OK"
 
+    def counts(self) -> tuple[int, int]:
+        return self.messages, self.signatures
+
 
 async def serve_sink(port: int) -> None:
-    from aiosmtpd.smtp import SMTP
-
-    handler = SignatureSink()
-
-    class SinkSMTP(SMTP):
-        async def smtp_XCOUNT(self, arg: str | None) -> None:
-            await self.push(f"250 {handler.messages} {handler.signatures}")
-
-    await serve_sink_until_signalled(SINK_HOST, port, "mx.sink.test", handler, SinkSMTP)
+    await serve_counting_sink(SINK_HOST, port, SignatureSink())
 
 
 async def sink_count(port: int) -> tuple[int, int]:

@@ -335,14 +335,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def _no_sink(port: int) -> None:
-    raise SystemExit("latency.py has no sink")
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_benchmark("latency", "monomail-latency-", args,
-                         lambda workdir, procs, closers: amain(args, workdir, procs), _no_sink)
+                         lambda workdir, procs, closers: amain(args, workdir, procs))
 
 
 if __name__ == "__main__":

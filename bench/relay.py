@@ -84,7 +84,7 @@ from _common import (
     progress,
     run_benchmark,
     run_sessions,
-    serve_sink_until_signalled,
+    serve_counting_sink,
     start_server,
     stop_server,
     summary_row,
@@ -120,18 +120,12 @@ class CountingSink:
         self.recipients += len(envelope.rcpt_tos)
         return "250 OK"
 
+    def counts(self) -> tuple[int, int]:
+        return self.messages, self.recipients
+
 
 async def serve_sink(port: int) -> None:
-    from aiosmtpd.smtp import SMTP
-
-    handler = CountingSink()
-
-    class SinkSMTP(SMTP):
-        async def smtp_XCOUNT(self, arg: str | None) -> None:
-            """Benchmark extension: ``250 <messages> <recipients>`` so far."""
-            await self.push(f"250 {handler.messages} {handler.recipients}")
-
-    await serve_sink_until_signalled(SINK_HOST, port, "mx.sink.test", handler, SinkSMTP)
+    await serve_counting_sink(SINK_HOST, port, CountingSink())
 
 
 # -- messages -------------------------------------------------------------------------

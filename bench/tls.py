@@ -46,6 +46,7 @@ from typing import Any
 from _common import (
     EHLO_NAME,
     SENDER,
+    RunStats,
     cpu_seconds,
     data_payload,
     finite,
@@ -67,16 +68,7 @@ TIMEOUT = 30.0  # seconds for one SMTP command
 
 
 @dataclass
-class Run:
-    target: str
-    mode: str
-    messages: int
-    ok: int
-    failed: int
-    seconds: float
-    rate: float
-    p50_ms: float
-    p99_ms: float
+class Run(RunStats):
     server_cpu: float
     client_cpu: float
     tls: str
@@ -291,7 +283,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs, Maildirs)")
     args = p.parse_args(argv)
-    args.serve_sink = None
     for name in ("clients", "messages", "per_connection"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -300,14 +291,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def _no_sink(port: int) -> None:
-    raise SystemExit("bench/tls.py has no sink")
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_benchmark("tls", "monomail-bench-tls-", args,
-                         lambda workdir, procs, closers: amain(args, workdir, procs), _no_sink)
+                         lambda workdir, procs, closers: amain(args, workdir, procs))
 
 
 if __name__ == "__main__":
