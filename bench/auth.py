@@ -46,6 +46,7 @@ from typing import Any
 from _common import (
     ERRORS,
     Client,
+    RunStats,
     Tally,
     add_output_options,
     cpu_seconds,
@@ -156,15 +157,7 @@ file = "monomail-log.txt"
 
 
 @dataclass
-class Run:
-    target: str
-    messages: int
-    ok: int
-    failed: int
-    seconds: float
-    rate: float
-    p50_ms: float
-    p99_ms: float
+class Run(RunStats):
     server_cpu: float  # % of one core
     check: str  # what the after-run check found
     check_ok: bool
@@ -207,7 +200,7 @@ async def load(server: Server, jobs: list[tuple[list[str], bytes]], sessions: in
 def make_run(name: str, n: int, tally: Tally, elapsed: float, cpu: float, check: str, ok: bool) -> Run:
     p50, p99 = latency_ms(tally.latencies)
     failed = sum(tally.failures.values())
-    return Run(name, n, tally.ok, failed, round(elapsed, 3), tally.ok / elapsed if elapsed else 0.0, p50, p99,
+    return Run(name, "reuse", n, tally.ok, failed, round(elapsed, 3), tally.ok / elapsed if elapsed else 0.0, p50, p99,
                100 * cpu / elapsed if elapsed else 0.0, check, ok and failed == 0 and tally.ok == n)
 
 
