@@ -78,6 +78,20 @@ from .settings import (
 _USER_NAME = re.compile(r"[a-z0-9_][a-z0-9._\-]*\Z")
 
 
+# A Unix account name as useradd(8) accepts it (NAME_REGEX, with upper case and a
+# trailing $ for Samba machine accounts); never a path or an option.
+_ACCOUNT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,31}\$?\Z")
+
+
+def _account_name(t: Table, name: str, value: str | None = None) -> str:
+    """``server.user`` or one ``local.trusted_users`` entry: a Unix account name (its
+    existence is checked when it is used: at start-up, or by each submission)."""
+    value = t.string(name, "") if value is None else value
+    if value and not _ACCOUNT_NAME.match(value):
+        raise ConfigError(t.key(name), f"expected a Unix account name, got {value!r}")
+    return value
+
+
 def _server(t: Table, base: Path) -> ServerConfig:
     listen = tuple(keys.listen(v, t.key("listen")) for v in t.strings("listen", ["127.0.0.1:2525"]))
     if not listen:
@@ -99,6 +113,7 @@ def _server(t: Table, base: Path) -> ServerConfig:
         max_errors=t.integer("max_errors", 10, minimum=1),
         command_timeout=t.duration("command_timeout", "5m"),
         data_timeout=t.duration("data_timeout", "10m"),
+        user=_account_name(t, "user"),
     )
     t.finish()
     return cfg
@@ -119,6 +134,10 @@ def _local(t: Table, base: Path) -> LocalConfig:
         recipient_delimiter=delimiter,
         lock_timeout=t.duration("lock_timeout", "10s"),
         allow_dot_forward=t.boolean("allow_dot_forward", False),
+        system_accounts=t.boolean("system_accounts", False),
+        min_uid=t.integer("min_uid", 1000, minimum=1),
+        mail_spool=t.path_("mail_spool", "/var/spool/mail", base),
+        trusted_users=frozenset(_account_name(t, "trusted_users", v) for v in t.strings("trusted_users", [])),
     )
     t.finish()
     return cfg
@@ -431,6 +450,9 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         raise ConfigError("hostname", f"expected a host name, got {hostname!r}")
     server = _server(top.table("server"), base)
     local = _local(top.table("local"), base)
+    if server.user not in ("", "root") and local.system_accounts:
+        raise ConfigError("server.user", "not with local.system_accounts: delivering as each account needs "
+                                         "root (leave server.user empty)")
     users = _users(top.table("users"), local, base)
     aliases, warnings = _aliases(top.table("aliases"), users)
     names = set(users) | set(aliases)
@@ -456,6 +478,9 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         if name not in users:
             raise ConfigError(ft.key("allow_pipes"), f"no such user: {name!r}")
     ft.finish()
+    if local.system_accounts and "root" not in names:
+        warnings.append(f"aliases.root: not defined; mail to root goes to {local.mail_spool / 'root'}, "
+                        "which nobody reads: alias root to a person")
     if "postmaster" not in names:
         warnings.append("aliases.postmaster: not defined; postmaster@ goes to the first user"
                         if users else "users: none defined; postmaster@ cannot be delivered")

@@ -41,6 +41,7 @@ class ServerConfig:
     max_errors: int  # 4xx/5xx replies in one session before 421 and close
     command_timeout: float  # one whole command line (or AUTH response line)
     data_timeout: float  # the whole DATA phase, 354 to the end-of-data line
+    user: str = ""  # as root: bind the ports, then drop to this account for good ("": no drop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,10 @@ class LocalConfig:
     recipient_delimiter: str
     lock_timeout: float
     allow_dot_forward: bool
+    system_accounts: bool = False  # the passwd database's accounts are local users too
+    min_uid: int = 1000  # the lowest uid of such an account (root is always one)
+    mail_spool: Path = Path("/var/spool/mail")  # a system account's mbox: <mail_spool>/<name>
+    trusted_users: frozenset[str] = frozenset()  # may set the envelope sender (sendmail -f)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,23 @@ class User:
     home: Path  # $HOME for recipes: the Maildir folder, or <mail_dir>/.<user> for mbox users
     recipes: Path  # the user's procmail-style recipe file (default <home>/.procmailrc)
     senders: tuple[str, ...] = ()  # more addresses the user may send as ("@shop.test": the domain)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One account of the passwd database that receives mail (``accounts.lookup``)."""
+
+    name: str
+    uid: int
+    gid: int  # the primary group
+    groups: tuple[int, ...]  # every group it is in (initgroups), the primary one included
+    home: Path | None  # None: no home directory (deliveries go to the mailbox alone)
+    shell: str
+    mailbox: Path  # <local.mail_spool>/<name>
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
 
 
 @dataclass(frozen=True, slots=True)
