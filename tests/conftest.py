@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import tomli_w
 
 from monomail.app import App
 from monomail.config import Config, load
+from unixaccounts import unix_account  # noqa: F401  (a fixture for every test module)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +40,8 @@ def base_config(**overrides: Any) -> dict[str, Any]:
             "spool_dir": "spool",
             "trusted_networks": ["127.0.0.0/8", "::1/128"],
             "shutdown_grace": "5s",
+            # Tests run as whoever runs them (often root): say so, as an admin must.
+            "user": pwd.getpwuid(os.geteuid()).pw_name,
         },
         "local": {
             "domains": ["example.test", "localhost"],
