@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 import tomli_w
+from unixaccounts import unix_account  # noqa: F401  (a fixture for every test module)
 
 from monomail.app import App
 from monomail.config import Config, load
-from unixaccounts import unix_account  # noqa: F401  (a fixture for every test module)
 
 ROOT = Path(__file__).resolve().parent.parent
 
