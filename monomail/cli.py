@@ -27,15 +27,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .config import load
-from .control import notify_server
+from .control import ask_showq, notify_server
 from .dkimsig import load_signer
 from .dnscmd import add_parser as add_dns_parser
 from .envelope import Status
 from .errors import ConfigError, CorruptEntry, SpoolBusy, SpoolError
 from .maillog import printable
 from .message import header_block
-from .record import QueuedRecipient, QueueEntry
-from .schedule import duration
+from .queue import listing, recipient_lines
+from .record import QueueEntry
 from .settings import Config
 from .spool import Spool
 from .tls import make_context
@@ -76,50 +76,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipient_lines(r: QueuedRecipient, now: float) -> list[str]:
-    """What an admin needs to know about a recipient that is not delivered yet."""
-    lines = []
-    if r.reply is not None:
-        lines.append(f"last reply: {printable(str(r.reply))}")
-    if r.cause and r.cause != str(r.reply):
-        lines.append(f"cause: {printable(r.cause)}")
-    if r.remote_host:
-        lines.append(f"remote host: {printable(r.remote_host)}")
-    if r.gave_up:
-        lines.append("gave up (message too old)")
-    if r.deferred and r.next_attempt is not None:
-        lines.append(f"next attempt in {duration(r.next_attempt - now)}")
-    return lines
-
-
 def cmd_queue_list(args: argparse.Namespace) -> int:
+    """The whole queue; for a user who cannot read the spool, as the running server lists it
+    (``localsubmit``'s showq socket); with neither, one line and 69 (EX_UNAVAILABLE)."""
     config = _load(args.config)
     spool = Spool(config.server.spool_dir)
-    now = time.time()
-    rows = damaged = 0
-    for name, got in spool.scan():
-        if not isinstance(got, QueueEntry):
-            kind = "damaged" if isinstance(got, CorruptEntry) else "unreadable"
-            print(f"{printable(name)}  {kind}: {printable(str(got))}")
-            damaged += 1
-            continue
-        hold = " (held)" if got.hold else ""
-        print(f"{got.id}  age {duration(now - got.received_at)}  size {spool.message_size(got.id)}"
-              f"  from <{printable(got.sender)}>{hold}")
-        for r in got.recipients:
-            if r.state is Status.DELIVERED:
-                continue
-            print(f"    {r.state.value:8} <{printable(r.address)}>  attempts {r.attempts}")
-            for line in _recipient_lines(r, now):
-                print(f"      {line}")
-        rows += 1
-    for d in spool.damaged():
-        print(f"{printable(d.name)}  damaged, moved to {d.folder}: {printable(d.reason)}")
-        damaged += 1
-    if rows or damaged:
-        print(f"-- {rows} message(s) in queue" + (f", {damaged} damaged" if damaged else ""))
-    else:
-        print("queue is empty")
+    try:
+        lines = listing(spool, time.time())
+    except SpoolError as exc:
+        if not isinstance(exc.__cause__, PermissionError):
+            raise
+        text = ask_showq(config)
+        if text is None:
+            print(f"monomail: mail system is down: the server is not running and the spool {spool.dir} "
+                  "cannot be read", file=sys.stderr)
+            return 69
+        sys.stdout.write(text)
+        return 0
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
     return 0
 
 
@@ -144,7 +118,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     print(f"size:        {spool.message_size(args.id)}")
     print(f"held:        {'yes' if entry.hold else 'no'}")
     for r in entry.recipients:
-        extra = _recipient_lines(r, now) if r.state is not Status.DELIVERED else []
+        extra = recipient_lines(r, now) if r.state is not Status.DELIVERED else []
         print(f"recipient:   <{printable(r.address)}> {r.state.value}, attempts {r.attempts}"
               + "".join(f"\n               {e}" for e in extra))
     print()

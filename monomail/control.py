@@ -1,52 +1,160 @@
-"""The running server, seen from outside: its PID file, and how to wake it.
+"""The running server, seen from outside: the public corner of the spool, and how to wake it.
 
-Job: the commands that change the spool while ``monomail serve`` may run (``sendmail``,
-``deliver``, ``queue flush/hold/release/delete``) find the server by the PID file in
-``server.spool_dir`` and tell it to re-read the spool (SIGUSR1). A stale PID file may
-name somebody else's process, so only a process known to be monomail is signalled.
+Job: the commands that change the spool or hand mail over while ``monomail serve`` may
+run (``sendmail``, ``mailq``, ``deliver``, ``queue flush/hold/release/delete``) find the
+server by its state file, and the server makes the folder they find it in. The spool
+itself is mode 0711 (traversable, not listable: its entries stay the server's, 0600);
+its one public corner, made by the server at start with explicit modes (never the
+umask), is::
 
-Not here: the server's own side of the PID file and the spool lock (``app``).
+    <spool_dir>/public/              0755  the server's user
+    <spool_dir>/public/monomail.pid  0644  the state file: the pid, then "key value" lines
+    <spool_dir>/public/submit        0666  UNIX socket: SMTP for local submission
+    <spool_dir>/public/showq         0666  UNIX socket: the queue listing (mailq)
+    <spool_dir>/public/maildrop/     1733  the drop folder (``maildrop``), written by anyone
+
+The state file's first line is the pid alone (``kill $(cat ...)`` works); then
+``socket``, ``showq`` and ``uid`` (the server process's uid, which may set any sender).
+`tell_server` wakes a server with SIGUSR1; a stale state file may name somebody else's
+process, so only a process known to be monomail is signalled.
+
+Not here: the server's listeners on those sockets (``server``, ``localsubmit``), the drop
+folder's files (``maildrop``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket as socketlib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .safeio import write_file
 from .settings import Config
 
-PID_FILE = "monomail.pid"  # the running server's pid, in server.spool_dir
+PUBLIC_DIR = "public"
+PID_FILE = "monomail.pid"  # the state file, in <spool_dir>/public
+SOCKET = "submit"  # SMTP for local submission
+SHOWQ = "showq"  # the queue listing
+MAILDROP = "maildrop"
+SPOOL_MODE = 0o711
+PUBLIC_MODE = 0o755
+STATE_MODE = 0o644
+SOCKET_MODE = 0o666
+MAILDROP_MODE = 0o1733  # anyone creates; nobody lists; the sticky bit: nobody removes others' files
+
+
+def public_dir(config: Config) -> Path:
+    return config.server.spool_dir / PUBLIC_DIR
+
+
+def pid_file(config: Config) -> Path:
+    return public_dir(config) / PID_FILE
+
+
+def maildrop_dir(config: Config) -> Path:
+    return public_dir(config) / MAILDROP
 
 
 @dataclass
 class RunningServer:
     pid: int
-    host: str
-    port: int
-    connected: bool = False
+    socket: Path | None = None  # SMTP for local submission
+    showq: Path | None = None  # the queue listing
+    uid: int | None = None  # the server process's uid
+    connected: bool = False  # a client of ours has spoken with it: it is monomail
 
 
-def running_server(config: Config) -> RunningServer | None:
-    """The running server by its PID file, or None."""
+def read_state(config: Config) -> RunningServer | None:
+    """What the state file says (whether or not that process lives), or None."""
     try:
-        pid = int((config.server.spool_dir / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
+        lines = pid_file(config).read_text(encoding="utf-8").splitlines()
+        pid = int(lines[0].strip())
+    except (OSError, ValueError, IndexError, UnicodeError):
         return None
     if pid <= 0:
         return None
+    state = RunningServer(pid)
+    for line in lines[1:]:
+        key, _, value = line.partition(" ")
+        if key in ("socket", "showq") and value.startswith("/"):
+            setattr(state, key, Path(value))
+        elif key == "uid" and value.isdigit():
+            state.uid = int(value)
+    return state
+
+
+def running_server(config: Config) -> RunningServer | None:
+    """The running server by its state file, or None when that process is gone."""
+    state = read_state(config)
+    if state is None:
+        return None
     try:
-        os.kill(pid, 0)
+        os.kill(state.pid, 0)
     except ProcessLookupError:
         return None
     except PermissionError:
         pass  # alive, run by another user
-    listen = config.server.listen[0]
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
-    if listen.port == 0:
+    return state
+
+
+def make_public(config: Config) -> Path:
+    """The public corner, made (or repaired) by the server at start with explicit modes, as
+    whoever the server runs as; the drop folder's path. Raises OSError, and
+    ``NotADirectoryError`` for something that is not a real folder in the way."""
+    spool = config.server.spool_dir
+    os.chmod(spool, SPOOL_MODE)  # made 0700 by older releases and by `Spool.create`
+    public = public_dir(config)
+    drop = maildrop_dir(config)
+    for folder, mode in ((public, PUBLIC_MODE), (drop, MAILDROP_MODE)):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise NotADirectoryError(f"{folder} is not a folder of the server's user")
+        os.chmod(folder, mode)
+    return drop
+
+
+def write_state(config: Config, *, socket: Path | None, showq: Path | None) -> None:
+    """The state file every user can read (0644), written safely."""
+    lines = [str(os.getpid())]
+    if socket is not None:
+        lines.append(f"socket {os.path.abspath(socket)}")
+    if showq is not None:
+        lines.append(f"showq {os.path.abspath(showq)}")
+    lines.append(f"uid {os.geteuid()}")
+    write_file(pid_file(config), ("\n".join(lines) + "\n").encode(), mode=STATE_MODE)
+
+
+def remove_state(config: Config) -> None:
+    """At shutdown: the state file, if it is still ours."""
+    state = read_state(config)
+    if state is not None and state.pid == os.getpid():
+        with contextlib.suppress(OSError):
+            pid_file(config).unlink()
+
+
+def ask_showq(config: Config, timeout: float = 15.0) -> str | None:
+    """The queue listing from the running server's showq socket, or None when no server
+    answers there (blocking, at most ``timeout`` seconds)."""
+    state = running_server(config)
+    if state is None or state.showq is None:
         return None
-    return RunningServer(pid, host, listen.port)
+    chunks = []
+    try:
+        with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(state.showq))
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError:
+        return None
+    text = b"".join(chunks).decode("utf-8", "replace")
+    return text if text.endswith("\n") else None  # a listing cut short is no listing
 
 
 def is_monomail(pid: int) -> bool:

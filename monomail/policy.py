@@ -10,6 +10,10 @@ relay control as Postfix's ``reject_unauth_destination``.
   addresses in their ``senders`` (``@domain``: any address there), and every address of
   ours whose routing leads to their mailbox and nowhere else (their aliases, virtual
   addresses, ``user+tag``).
+- `trusted_user` and `local_sender`: who a local user (a uid on this host, as the
+  local socket's peer credentials or a drop file's owner say) may send as: root, the
+  uid the server runs as and the names in ``local.trusted_users`` as anyone (sendmail's
+  ``trusted-users``); everyone else as their own ``login@primary_domain`` or ``<>``.
 - `check_recipient`: route the address; refuse unknown users (550 5.1.1), loops (550
   5.4.6), an alias's own ``:fail:`` / ``:defer:`` refusal with its code and text (550 /
   450), and any domain not ours unless the client is trusted (554 5.7.1). Source
@@ -37,6 +41,24 @@ def is_trusted(peer_ip: str, config: Config) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
     return any(ip in net for net in config.server.trusted_networks)
+
+
+def trusted_user(uid: int, name: str | None, config: Config, server_uid: int | None) -> bool:
+    """May this local user set any envelope sender?"""
+    return uid == 0 or uid == server_uid or (name is not None and name in config.local.trusted_users)
+
+
+def local_address(name: str | None, config: Config) -> str | None:
+    """A local user's own address, ``login@primary_domain`` (None without a login name)."""
+    return f"{name}@{config.local.primary_domain}" if name else None
+
+
+def local_sender(sender: str, name: str | None, trusted: bool, config: Config) -> bool:
+    """May the local user ``name`` (``trusted``: see `trusted_user`) use ``sender`` ("" for <>)?"""
+    if trusted or not sender:
+        return True
+    own = local_address(name, config)
+    return own is not None and sender.lower() == own.lower()
 
 
 def check_recipient(address: Address, config: Config, *, trusted: bool, sender: str | None = None,

@@ -55,8 +55,9 @@ from .dsn import RecipientReport, build_report
 from .envelope import Envelope, Outcome, Status
 from .errors import LOCAL_ERROR, CorruptEntry, Reply, SpoolError
 from .inbound import prepend
+from .maillog import printable
 from .record import QueuedRecipient, QueueEntry, new_entry
-from .schedule import expired, next_attempt
+from .schedule import duration, expired, next_attempt
 from .settings import QueueConfig
 from .spool import Spool
 
@@ -106,6 +107,52 @@ def journal_spawned(spool: Spool, env: Envelope, data: bytes, outcomes: Sequence
                      len(spawn.recipients))
             made.append(child)
     return made
+
+
+def recipient_lines(r: QueuedRecipient, now: float) -> list[str]:
+    """What an admin needs to know about a recipient that is not delivered yet."""
+    lines = []
+    if r.reply is not None:
+        lines.append(f"last reply: {printable(str(r.reply))}")
+    if r.cause and r.cause != str(r.reply):
+        lines.append(f"cause: {printable(r.cause)}")
+    if r.remote_host:
+        lines.append(f"remote host: {printable(r.remote_host)}")
+    if r.gave_up:
+        lines.append("gave up (message too old)")
+    if r.deferred and r.next_attempt is not None:
+        lines.append(f"next attempt in {duration(r.next_attempt - now)}")
+    return lines
+
+
+def listing(spool: Spool, now: float) -> list[str]:
+    """The queue as ``monomail queue list`` and ``mailq`` print it, a line each (blocking).
+    Raises `SpoolError` when the spool cannot be listed."""
+    out = []
+    rows = damaged = 0
+    for name, got in spool.scan():
+        if not isinstance(got, QueueEntry):
+            kind = "damaged" if isinstance(got, CorruptEntry) else "unreadable"
+            out.append(f"{printable(name)}  {kind}: {printable(str(got))}")
+            damaged += 1
+            continue
+        hold = " (held)" if got.hold else ""
+        out.append(f"{got.id}  age {duration(now - got.received_at)}  size {spool.message_size(got.id)}"
+                   f"  from <{printable(got.sender)}>{hold}")
+        for r in got.recipients:
+            if r.state is Status.DELIVERED:
+                continue
+            out.append(f"    {r.state.value:8} <{printable(r.address)}>  attempts {r.attempts}")
+            out += [f"      {line}" for line in recipient_lines(r, now)]
+        rows += 1
+    for d in spool.damaged():
+        out.append(f"{printable(d.name)}  damaged, moved to {d.folder}: {printable(d.reason)}")
+        damaged += 1
+    if rows or damaged:
+        out.append(f"-- {rows} message(s) in queue" + (f", {damaged} damaged" if damaged else ""))
+    else:
+        out.append("queue is empty")
+    return out
 
 
 def _reply_status(r: QueuedRecipient) -> str:

@@ -13,6 +13,13 @@ field, and a DMARC failure under ``p=reject`` with ``checks.dmarc = "enforce"`` 
 answered ``550 5.7.1`` (logged with the results) instead of being queued. Submitted mail
 is not checked, but loses any Authentication-Results claiming our hostname.
 
+Local submission (`SMTPServer.listen_local`): a UNIX socket (``<spool>/public/submit``,
+0666) where any user of this host speaks SMTP. The client is the peer's uid from
+``SO_PEERCRED`` (``localpeer``), never anything it says: the session is trusted (it
+may relay), MAIL FROM must be that user's own ``login@primary_domain`` or ``<>`` unless
+the uid is trusted (``policy.local_sender``: else 553 5.7.1), and the Received field
+names the user and uid. The message is completed like submitted mail.
+
 TLS (``tls``): STARTTLS is offered on every listener when ``[tls]`` is set; the
 handshake is aiosmtpd's (``smtp_STARTTLS``), which also discards plain text pipelined
 behind STARTTLS (RFC 3207 §5, the command injection family), and whose 220 reply is
@@ -38,12 +45,9 @@ within ``data_timeout``, else ``421 4.4.2`` and the connection is closed.
 What this module does not do: decide anything about a command (``transaction``), check
 message content (``message.Content``), route (``policy``/``router``), deliver (``queue``).
 
-Reading (DESIGN invariant 9, nothing proportional to a message's size runs on the event
-loop in one piece): command lines are read up to LF, one at a time; the content after
-354 is read in pieces up to each ``.<CR><LF>`` (or a buffer's worth), checked as it comes
-by ``message.Content``, and joined (one copy of the whole message) in a worker thread.
-The end of data is a line holding just ``.``, i.e. ``<CR><LF>.<CR><LF>``: a bare LF or
-CR before the dot does not end it (SMTP smuggling), and the content is refused.
+Reading (DESIGN invariant 9): command lines and content pieces as ``smtpread`` reads
+them, checked as they come by ``message.Content``; the whole message is joined (one
+copy) in a worker thread.
 
 Error handling: an exception nobody classified answers ``451 4.3.0`` with generic text
 and is logged with its traceback (aiosmtpd's default leaks the exception text and
@@ -84,19 +88,24 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import logging
+import os
 import socket
+import stat
 import time
 from base64 import b64decode, b64encode
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, TLSSetupException
 
-from . import inbound, maillog, policy
+from . import inbound, maillog, policy, smtpread
 from .auth import Authenticator
 from .envelope import Address, Envelope, new_id
 from .errors import LOCAL_ERROR, TOO_MANY_CONNECTIONS, AuthUnavailable, Reply, RouteError
 from .limits import Connections, FailureWindow, client_key
+from .localpeer import LocalPeer, peer_of, received_local
 from .message import Content, completion_fields, received_header
 from .queue import Queue
 from .resolver import Resolver
@@ -107,10 +116,9 @@ from .transaction import AUTH_INVALID, Message, Next, Step, Transaction, wire
 
 log = logging.getLogger("monomail.smtp")
 IDENT = "ESMTP monomail"
-END_LINE = b".\r\n"
 JOIN_IN_THREAD = 256 * 1024  # content larger than this is joined in a worker thread
-YIELD_EVERY = 256  # content pieces read without a pause for other sessions at most
-MX, SUBMISSION, SUBMISSIONS = "mx", "submission", "submissions"  # the kinds of listener
+MX, SUBMISSION, SUBMISSIONS, LOCAL = "mx", "submission", "submissions", "local"  # the kinds of listener
+LOCAL_SOCKET_MODE = 0o666  # every user of the host may connect
 
 TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 AUTH_BLOCKED = Reply(421, "4.7.0", "Too many authentication failures, try again later")
@@ -146,6 +154,7 @@ class Session(SMTP):
         self.peer_ip = "127.0.0.1"
         self.client = ""  # the limits' key for this client (limits.client_key)
         self.trusted = False
+        self.local: LocalPeer | None = None  # the user on a local socket (SO_PEERCRED)
         self._starting_tls = False
         self._connected = False  # aiosmtpd's connection_made has run (its connection_lost must)
         self._raw: asyncio.BaseTransport | None = None  # the TCP transport, while an implicit TLS handshake runs
@@ -161,8 +170,9 @@ class Session(SMTP):
             tls_context=certs.front if certs else None,
             authenticator=self._capture,
         )
-        self.core = Transaction(cfg, self._check_recipient, tls=certs is not None, submission=kind != MX,
-                                owner=self._owns)
+        self.core = Transaction(cfg, self._check_recipient, tls=certs is not None and kind != LOCAL,
+                                submission=kind in (SUBMISSION, SUBMISSIONS), owner=self._owns,
+                                local_sender=self._local_sender if kind == LOCAL else None)
 
     def _check_recipient(self, address: Address, sender: str) -> object:
         return policy.check_recipient(address, self.mm.config, trusted=self.trusted or self.core.login is not None,
@@ -170,6 +180,10 @@ class Session(SMTP):
 
     def _owns(self, login: str, address: str) -> bool:
         return policy.owns(login, address, self.mm.config, self.mm.tables)
+
+    def _local_sender(self, sender: str) -> bool:
+        peer = self.local
+        return peer is not None and policy.local_sender(sender, peer.name, peer.trusted, self.mm.config)
 
     # -- connection bookkeeping ---------------------------------------------------
 
@@ -179,6 +193,12 @@ class Session(SMTP):
             return
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        if self.kind == LOCAL:
+            self.local = peer_of(transport.get_extra_info("socket"), self.mm.config)
+            self.peer_ip = f"local:{self.local.label if self.local else 'unknown'}"
+            if self.local is None:  # no peer credentials: nobody to speak for
+                transport.close()
+                return
         refusal = self.mm.admit(self)
         if refusal is not None:
             if self.kind != SUBMISSIONS and isinstance(transport, asyncio.WriteTransport):
@@ -255,19 +275,7 @@ class Session(SMTP):
             self.hang_up()
 
     async def _read_line(self) -> bytes | None:
-        """One line up to LF; None for one longer than ``line_length_limit``, skipped to
-        its end (so that its rest is not taken for the next line)."""
-        reader = self._reader  # internal 2
-        try:
-            return await reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:
-            await reader.read(exc.consumed)
-        while True:
-            try:
-                await reader.readuntil(b"\n")
-                return None
-            except asyncio.LimitOverrunError as more:
-                await reader.read(more.consumed)
+        return await smtpread.read_line(self._reader)  # internal 2
 
     async def _next_command(self) -> Step:
         try:
@@ -414,25 +422,7 @@ class Session(SMTP):
         return True
 
     async def _read_pieces(self, content: Content) -> None:
-        """Content pieces up to each ``.<CR><LF>`` (or a buffer's worth) until the end line."""
-        reader = self._reader  # internal 2
-        tail = b"\r\n"  # the content begins at the start of a line
-        pieces = 0
-        while True:
-            try:
-                piece = await reader.readuntil(END_LINE)
-            except asyncio.LimitOverrunError as exc:  # no ".\r\n" in a buffer's worth
-                piece = await reader.read(exc.consumed)
-            else:
-                before = piece[-5:-3] if len(piece) >= 5 else (tail + piece[:-3])[-2:]
-                if before == b"\r\n":  # CRLF . CRLF: the end (that CRLF ends the last line)
-                    content.feed(piece[:-3])
-                    break
-            content.feed(piece)
-            tail = piece[-2:]
-            pieces += 1
-            if pieces % YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # many short pieces: let the other sessions in
+        await smtpread.read_pieces(self._reader, content)  # internal 2
 
     async def _finish_message(self) -> Reply:
         try:
@@ -450,11 +440,15 @@ class Session(SMTP):
         now = time.time()
         qid = new_id(now)
         rcpts = msg.recipients
-        header = received_header(
-            helo=msg.helo, peer_ip=self.peer_ip, hostname=cfg.hostname, protocol=msg.protocol,
-            queue_id=qid, recipient=rcpts[0] if len(rcpts) == 1 else None, when=now, tls=msg.tls,
-        )
-        if msg.login is not None:  # submitted by a mail client: complete what it left out
+        one = rcpts[0] if len(rcpts) == 1 else None
+        if self.local is not None:
+            header = received_local(self.local, helo=msg.helo, hostname=cfg.hostname, protocol=msg.protocol,
+                                    queue_id=qid, recipient=one, when=now)
+        else:
+            header = received_header(helo=msg.helo, peer_ip=self.peer_ip, hostname=cfg.hostname,
+                                     protocol=msg.protocol, queue_id=qid, recipient=one, when=now, tls=msg.tls)
+        submitted = msg.login is not None or self.local is not None
+        if submitted:  # by a mail client or a local user: complete what it left out
             header += completion_fields(msg.content.header, sender=msg.sender, hostname=cfg.hostname,
                                         queue_id=qid, when=now)
         if msg.content.size > JOIN_IN_THREAD:
@@ -472,13 +466,14 @@ class Session(SMTP):
                     "checked id=%s client=[%s] action=%s: %s", qid, self.peer_ip, verdict.action,
                     maillog.printable(verdict.summary))
             data = verdict.message
-        elif msg.login is not None:  # submitted: not checked, but results claiming our name go
+        elif submitted:  # not checked, but results claiming our name go
             data, removed = inbound.without_our_results(data, cfg.hostname)
             if removed:
                 log.info("submitted id=%s by %s: removed %d Authentication-Results claiming our name",
-                         qid, maillog.printable(msg.login), removed)
+                         qid, maillog.printable(msg.login or self.peer_ip), removed)
         env = Envelope(qid, msg.sender, rcpts, now, msg.smtputf8, len(data))
-        maillog.received(env, client=self.peer_ip, helo=msg.helo, tls=msg.tls, user=msg.login)
+        user = msg.login or (self.local.name if self.local else None)
+        maillog.received(env, client=self.peer_ip, helo=msg.helo, tls=msg.tls, user=user)
         return await self.mm.queue.accept(env, data)
 
     async def _send(self, replies: tuple[Reply, ...]) -> None:
@@ -516,6 +511,7 @@ class SMTPServer:
         self.failures = FailureWindow(config.auth.auth_failures, time.monotonic)
         self.servers: list[asyncio.Server] = []
         self.kinds: list[str] = []  # each server's kind of listener, in `servers` order
+        self.local_paths: list[Path] = []  # the local sockets, removed at close
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handshake_timeout = min(config.server.command_timeout, 60.0)  # an implicit TLS handshake
 
@@ -529,6 +525,19 @@ class SMTPServer:
                                 (SUBMISSIONS, sub.listen_tls)):
             for addr in addresses:
                 await self._listen(kind, addr)
+
+    async def listen_local(self, path: Path) -> None:
+        """The local submission socket (mode 0666), replacing a stale one. Raises OSError."""
+        assert self.loop is not None
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                path.unlink()
+        server = await self.loop.create_unix_server(lambda: Session(self, LOCAL), path=str(path), backlog=128)
+        os.chmod(path, LOCAL_SOCKET_MODE)
+        self.servers.append(server)
+        self.kinds.append(LOCAL)
+        self.local_paths.append(path)
+        log.info("listening on %s (local submission)", path)
 
     async def _listen(self, kind: str, addr: Listen) -> None:
         assert self.loop is not None
@@ -545,8 +554,8 @@ class SMTPServer:
         """A new connection: count it, or the 421 that refuses it (nothing counted then)."""
         if len(self.sessions) >= self.config.server.max_connections:
             return TOO_MANY_CONNECTIONS
-        session.trusted = policy.is_trusted(session.peer_ip, self.config)
-        session.client = client_key(session.peer_ip)
+        session.trusted = session.kind == LOCAL or policy.is_trusted(session.peer_ip, self.config)
+        session.client = session.peer_ip if session.kind == LOCAL else client_key(session.peer_ip)
         if not session.trusted and not self.per_client.open(session.client):
             log.info("refused connection from [%s]: %d connections from it already", session.peer_ip,
                      self.per_client.count(session.client))
@@ -565,7 +574,8 @@ class SMTPServer:
 
     @property
     def ports(self) -> list[int]:
-        return [s.sockets[0].getsockname()[1] for s in self.servers if s.sockets]
+        return [s.sockets[0].getsockname()[1] for s, k in zip(self.servers, self.kinds, strict=True)
+                if s.sockets and k != LOCAL]
 
     def port(self, kind: str) -> int:
         """The first port of one kind of listener (``mx``, ``submission``, ``submissions``)."""
@@ -583,3 +593,6 @@ class SMTPServer:
             session.hang_up()
         for s in self.servers:
             await s.wait_closed()
+        for path in self.local_paths:
+            with contextlib.suppress(OSError):
+                path.unlink()

@@ -155,6 +155,7 @@ AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
 FROM_NOT_OWNED = Reply(550, "5.7.1", "From: address not owned by the authenticated user")
+LOCAL_SENDER_REFUSED = Reply(553, "5.7.1", "Sender address not owned by the local user")
 MECHANISMS = ("PLAIN", "LOGIN")
 
 SYNTAX = {
@@ -181,6 +182,9 @@ Check = Callable[[Address, str], object]
 
 Owner = Callable[[str, str], bool]
 """May the authenticated user (first argument, the login) send as this address?"""
+
+LocalSender = Callable[[str], bool]
+"""May the local user of this session (a uid on this host) use this sender ("" for <>)?"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,11 +233,14 @@ class Transaction:
     checked for bare CR/LF and length. ``check`` is the recipient policy (see `Check`).
     ``tls``: STARTTLS may be offered; ``secured``: the connection is TLS already (implicit
     TLS, its description); ``submission``: AUTH offered over TLS and required, and
-    ``owner`` says which sender addresses an authenticated user may use.
+    ``owner`` says which sender addresses an authenticated user may use; ``local_sender``
+    (a local submission: the UNIX socket, ``sendmail -bs``) which senders the local user may
+    use (else MAIL FROM gets 553 5.7.1).
     """
 
     def __init__(self, config: Config, check: Check, *, strict: bool = True, tls: bool = False,
-                 secured: str = "", submission: bool = False, owner: Owner | None = None) -> None:
+                 secured: str = "", submission: bool = False, owner: Owner | None = None,
+                 local_sender: LocalSender | None = None) -> None:
         self.hostname = config.hostname
         self.max_size = config.server.max_message_size
         self.max_recipients = config.server.max_recipients
@@ -246,6 +253,7 @@ class Transaction:
         self.tls = secured
         self.submission = submission
         self.owner = owner
+        self.local_sender = local_sender
         self.login: str | None = None
         self.auth_request: tuple[str, str | None] | None = None  # (mechanism, initial response)
         self.state = State.CONNECTED
@@ -399,6 +407,8 @@ class Transaction:
         self.sender = str(address) if address else ""
         if self.login is not None and self.sender and not self._owns(self.sender):
             raise ProtocolError(SENDER_NOT_OWNED, f"{self.login} may not send as {self.sender}")
+        if self.local_sender is not None and not self.local_sender(self.sender):
+            raise ProtocolError(LOCAL_SENDER_REFUSED, f"the local user may not send as {self.sender}")
         self.smtputf8 = "SMTPUTF8" in params
         return (SENDER_OK,)
 
