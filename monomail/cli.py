@@ -26,6 +26,7 @@ from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from . import privileges
 from .config import load
 from .control import notify_server
 from .dkimsig import load_signer
@@ -65,6 +66,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config.tls.cert is not None and config.tls.key is not None:
         make_context(config.tls.cert, config.tls.key)  # ConfigError (tls.cert) if unusable
     load_signer(config)  # ConfigError (dkim."<domain>".key) if a key is unusable
+    privileges.check(config)  # ConfigError (server.user) if there is no such account
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     sub = config.submission
