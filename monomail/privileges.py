@@ -60,10 +60,15 @@ def account(name: str) -> pwd.struct_passwd:
         raise ConfigError("server.user", f"no such account: {name!r}") from None
 
 
-def check(config: Config) -> None:
-    """What ``check-config`` can say whoever runs it: ``server.user`` exists."""
-    if config.server.user:
-        account(config.server.user)
+def check(config: Config) -> str | None:
+    """What ``check-config`` can say whoever runs it, on whichever host: a warning when
+    ``server.user`` names no account here (``serve`` refuses to start then)."""
+    try:
+        if config.server.user:
+            account(config.server.user)
+    except ConfigError as exc:
+        return f"{exc} on this host (serve refuses to start without it)"
+    return None
 
 
 def plan(config: Config, euid: int | None = None) -> Drop | None:

@@ -119,10 +119,12 @@ def test_a_spool_left_by_root_is_refused_with_the_chown_to_run(unix_account: Any
 def test_server_user_that_does_not_exist_is_a_config_error(tmp_path: Path):
     cfg = base_config(server={"user": "mmt-no-such-account"})
     (tmp_path / "monomail.toml").write_text(tomli_w.dumps(cfg))
-    for command in ("serve", "check-config"):
-        out = cli(command, "-c", str(tmp_path / "monomail.toml"), cwd=tmp_path)
-        assert out.returncode == 2, out.stderr
-        assert "config error: server.user: no such account: 'mmt-no-such-account'" in out.stderr
+    out = cli("serve", "-c", str(tmp_path / "monomail.toml"), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "config error: server.user: no such account: 'mmt-no-such-account'" in out.stderr
+    out = cli("check-config", "-c", str(tmp_path / "monomail.toml"))  # written for another host, maybe
+    assert out.returncode == 0, out.stderr
+    assert "warning: server.user: no such account: 'mmt-no-such-account' on this host" in out.stderr
 
 
 def test_server_user_with_system_accounts_is_a_config_error(tmp_path: Path):
