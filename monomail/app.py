@@ -12,7 +12,9 @@ One spool, one server: ``serve`` takes an exclusive, non-blocking lock on
 ``<spool>/.serve.lock`` before it touches anything and holds it for the process's life;
 a second ``monomail serve`` on the same spool refuses to start (`errors.SpoolBusy`, one
 line) and leaves the first one's PID file alone. Modes are set explicitly, never left to
-the umask: folders it creates 0700, the PID file and the log file 0600.
+the umask: folders it creates 0700, the log file 0600; the
+spool 0711 with its public corner (``localsubmit``: the state file 0644, sockets 0666,
+the drop folder 1733).
 
 Not here: SMTP (``server``), retry logic (``queue``), argument parsing (``cli``).
 """
@@ -20,7 +22,6 @@ Not here: SMTP (``server``), retry logic (``queue``), argument parsing (``cli``)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -31,14 +32,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import mailstore, privileges
-from .control import PID_FILE
+from .control import pid_file
 from .deliver import Deliverer
 from .dkimsig import load_signer
 from .errors import ConfigError, SpoolBusy
+from .localsubmit import LocalSubmission
 from .mboxrewrite import finish_interrupted_rewrite
 from .queue import Queue
 from .remote import Transport
-from .safeio import make_dirs, write_file
+from .safeio import make_dirs
 from .server import SMTPServer
 from .settings import Config
 from .spool import Spool
@@ -88,7 +90,7 @@ class App:
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._serve_lock: int | None = None  # the fd holding <spool>/.serve.lock
-        self._wrote_pid = False
+        self.local = LocalSubmission(config, self.spool, self.queue, self.server)  # sockets, drop folder
 
     async def start(self) -> None:
         """Take the spool, bind the ports, give up root (``server.user``), repair what a
@@ -110,8 +112,7 @@ class App:
         if pending:
             log.info("spool: %d queued message(s) to resume", pending)
         await self.server.serve()
-        await asyncio.to_thread(write_file, self.pid_file, f"{os.getpid()}\n".encode(), mode=0o600)
-        self._wrote_pid = True
+        await self.local.start()  # after the drop: public/, its sockets, the state file; takes the drop folder
         self._runner = asyncio.create_task(self.queue.run(), name="queue-runner")
         log.info("monomail started as %s", self.config.hostname)
 
@@ -132,13 +133,15 @@ class App:
 
     @property
     def pid_file(self) -> Path:
-        return self.config.server.spool_dir / PID_FILE
+        return pid_file(self.config)
 
     def stop(self) -> None:
         self._stop.set()
 
     def reload_queue(self) -> None:
-        """SIGUSR1 (sent by ``monomail queue flush/hold/release/delete``): re-read the spool."""
+        """SIGUSR1 (sent by ``monomail queue flush/hold/release/delete``): re-read the spool
+        and look at the drop folder."""
+        self.local.wake()
         task = asyncio.ensure_future(self._reload())
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
@@ -160,6 +163,7 @@ class App:
         grace = self.config.server.shutdown_grace
         log.info("shutting down (grace %.0fs)", grace)
         deadline = time.monotonic() + grace
+        await self.local.close()  # (removes the state file: no client comes to a closing server)
         await self.server.close(grace)
         if self._runner:
             self._runner.cancel()
@@ -169,10 +173,6 @@ class App:
         # Work not started is dropped (its tasks are cancelled); running work is short:
         # mbox lock waits are cut into slices by the deliverer.
         await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
-        if self._wrote_pid:
-            with contextlib.suppress(OSError):
-                if self.pid_file.read_text().strip() == str(os.getpid()):
-                    self.pid_file.unlink()
         if self._serve_lock is not None:
             os.close(self._serve_lock)  # after the PID file: the next server writes its own
             self._serve_lock = None

@@ -13,12 +13,10 @@ field, and a DMARC failure under ``p=reject`` with ``checks.dmarc = "enforce"`` 
 answered ``550 5.7.1`` (logged with the results) instead of being queued. Submitted mail
 is not checked, but loses any Authentication-Results claiming our hostname.
 
-Local submission (`SMTPServer.listen_local`): a UNIX socket (``<spool>/public/submit``,
-0666) where any user of this host speaks SMTP. The client is the peer's uid from
-``SO_PEERCRED`` (``localpeer``), never anything it says: the session is trusted (it
-may relay), MAIL FROM must be that user's own ``login@primary_domain`` or ``<>`` unless
-the uid is trusted (``policy.local_sender``: else 553 5.7.1), and the Received field
-names the user and uid. The message is completed like submitted mail.
+Local submission (``localsubmit`` adds a ``LOCAL`` listener: a UNIX socket): the client is the peer's
+uid (``SO_PEERCRED``, ``localpeer``); trusted (may relay); MAIL FROM its own address or
+``<>`` unless the uid is trusted (``policy.local_sender``, else 553 5.7.1); completed like
+submitted mail, with a Received field naming the user.
 
 TLS (``tls``): STARTTLS is offered on every listener when ``[tls]`` is set; the
 handshake is aiosmtpd's (``smtp_STARTTLS``), which also discards plain text pipelined
@@ -88,14 +86,10 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import contextlib
 import logging
-import os
 import socket
-import stat
 import time
 from base64 import b64decode, b64encode
-from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, TLSSetupException
@@ -118,7 +112,6 @@ log = logging.getLogger("monomail.smtp")
 IDENT = "ESMTP monomail"
 JOIN_IN_THREAD = 256 * 1024  # content larger than this is joined in a worker thread
 MX, SUBMISSION, SUBMISSIONS, LOCAL = "mx", "submission", "submissions", "local"  # the kinds of listener
-LOCAL_SOCKET_MODE = 0o666  # every user of the host may connect
 
 TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 AUTH_BLOCKED = Reply(421, "4.7.0", "Too many authentication failures, try again later")
@@ -511,7 +504,6 @@ class SMTPServer:
         self.failures = FailureWindow(config.auth.auth_failures, time.monotonic)
         self.servers: list[asyncio.Server] = []
         self.kinds: list[str] = []  # each server's kind of listener, in `servers` order
-        self.local_paths: list[Path] = []  # the local sockets, removed at close
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handshake_timeout = min(config.server.command_timeout, 60.0)  # an implicit TLS handshake
         self._serving = True
@@ -529,19 +521,6 @@ class SMTPServer:
                                 (SUBMISSIONS, sub.listen_tls)):
             for addr in addresses:
                 await self._listen(kind, addr)
-
-    async def listen_local(self, path: Path) -> None:
-        """The local submission socket (mode 0666), replacing a stale one. Raises OSError."""
-        assert self.loop is not None
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                path.unlink()
-        server = await self.loop.create_unix_server(lambda: Session(self, LOCAL), path=str(path), backlog=128)
-        os.chmod(path, LOCAL_SOCKET_MODE)
-        self.servers.append(server)
-        self.kinds.append(LOCAL)
-        self.local_paths.append(path)
-        log.info("listening on %s (local submission)", path)
 
     async def _listen(self, kind: str, addr: Listen) -> None:
         assert self.loop is not None
@@ -602,6 +581,4 @@ class SMTPServer:
             session.hang_up()
         for s in self.servers:
             await s.wait_closed()
-        for path in self.local_paths:
-            with contextlib.suppress(OSError):
-                path.unlink()
+

@@ -111,10 +111,14 @@ def test_modes_do_not_depend_on_the_umask(tmp_path: Path):
             assert s.sendmail("me@remote.test", ["alice@example.test"], b"Subject: modes\r\n\r\nx\r\n") == {}
         var = tmp_path / "var"
         assert mode(var / "mail") == 0o700  # where .forward and recipes are read
-        assert mode(var / "spool") == 0o700 and mode(var / "spool" / "monomail") == 0o700
+        # the spool: traversable, not listable; its public corner as issue 11 lays it out
+        spool = var / "spool" / "monomail"
+        assert mode(var / "spool") == 0o700 and mode(spool) == 0o711
+        assert mode(spool / "public") == 0o755 and mode(spool / "public" / "maildrop") == 0o1733
+        assert mode(spool / "public" / "monomail.pid") == 0o644
+        assert mode(spool / "public" / "submit") == 0o666 and mode(spool / "public" / "showq") == 0o666
         assert mode(var / "log" / "monomail") == 0o700
         assert mode(var / "log" / "monomail" / "mail.log") == 0o600
-        assert mode(var / "spool" / "monomail" / "monomail.pid") == 0o600
         assert mode(var / "spool" / "monomail" / ".serve.lock") == 0o600
         assert "started" in (var / "log" / "monomail" / "mail.log").read_text()
     finally:

@@ -28,8 +28,8 @@ def second_serve(tmp_path: Path, port: int) -> subprocess.CompletedProcess[str]:
 
 def test_second_server_on_one_spool_refuses_to_start(process_server, tmp_path: Path):
     first = process_server()
-    pid_file = tmp_path / "spool" / "monomail.pid"
-    assert pid_file.read_text().strip() == str(first.proc.pid)
+    pid_file = tmp_path / "spool" / "public" / "monomail.pid"
+    assert pid_file.read_text().splitlines()[0] == str(first.proc.pid)
 
     started = time.monotonic()
     second = second_serve(tmp_path, first.port)
@@ -41,7 +41,7 @@ def test_second_server_on_one_spool_refuses_to_start(process_server, tmp_path: P
     assert second.stdout == ""
 
     # The first is untouched: its PID file, and it still serves and delivers.
-    assert pid_file.read_text().strip() == str(first.proc.pid)
+    assert pid_file.read_text().splitlines()[0] == str(first.proc.pid)
     assert first.proc.poll() is None
     with smtplib.SMTP("127.0.0.1", first.port, timeout=10) as s:
         assert s.sendmail("me@remote.test", ["alice@example.test"], b"Subject: still here\r\n\r\nx\r\n") == {}
@@ -52,7 +52,7 @@ def test_second_server_on_one_spool_refuses_to_start(process_server, tmp_path: P
     # Once the first has stopped, the spool is free again.
     again = ProcessServer(tmp_path / "monomail.toml", first.port).start()
     try:
-        assert pid_file.read_text().strip() == str(again.proc.pid)
+        assert pid_file.read_text().splitlines()[0] == str(again.proc.pid)
     finally:
         assert again.terminate() == 0
 

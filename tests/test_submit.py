@@ -92,7 +92,8 @@ def test_cron_message_with_t_and_i_goes_through_the_running_server(process_serve
         assert "bob@example.test" not in str(msg.get_all("To"))
         assert len(msg.get_all("Date")) == 1 and len(msg.get_all("Message-ID")) == 1
         assert msg["Message-ID"].endswith("@mx.example.test>")
-        assert msg["From"] == "root (Cron Daemon)"  # kept as given
+        assert msg["From"] == "root@example.test (Cron Daemon)"  # qualified in place (append_at_myorigin)
+        assert msg["To"] == "alice@example.test"
         assert msg["Subject"] == "Cron <root@host> /usr/local/bin/backup --nightly"
         assert len(msg.get_all("X-Cron-Env")) == 4
         body = raw.split(b"\n\n", 1)[1]
@@ -101,7 +102,8 @@ def test_cron_message_with_t_and_i_goes_through_the_running_server(process_serve
         assert b"\n.\na line after a lone dot\n" in body
         received = msg.get_all("Received")
         assert any("with ESMTP" in r for r in received), received  # came in over SMTP
-        assert any("(monomail sendmail, from userid" in r for r in received), received
+        # over the local socket: the server names the user by the socket's peer credentials
+        assert any(f"from {LOGIN} (uid {os.getuid()})" in r and "local submission" in r for r in received), received
     assert headers(for_alice)["Delivered-To"] == "alice@example.test"
     assert headers(for_bob)["Return-Path"] == f"<{LOGIN}@example.test>"
     assert not spool_entries(tmp_path)
@@ -289,8 +291,8 @@ def test_stale_pid_file_of_a_foreign_process_is_not_signalled(tmp_path: Path):
     config, _ = _stopped_config(tmp_path)
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        (tmp_path / "spool").mkdir()
-        (tmp_path / "spool" / "monomail.pid").write_text(f"{sleeper.pid}\n")
+        (tmp_path / "spool" / "public").mkdir(parents=True)
+        (tmp_path / "spool" / "public" / "monomail.pid").write_text(f"{sleeper.pid}\n")
         result = sendmail(config, "alice", stdin=b"Subject: x\n\ny\n")
         assert result.returncode == 0, result.stderr
         assert len(spool_entries(tmp_path)) == 1
@@ -314,7 +316,7 @@ def test_q_without_a_server(tmp_path: Path):
 @pytest.mark.parametrize("args, expected", [
     (["-Z", "alice"], "unknown option -Z"),
     (["-f"], "option -f requires an argument"),
-    (["-bi"], "-bi is not supported"),
+    (["-bd"], "-bd is not supported"),
     (["-bx"], "unknown mode -bx"),
     (["-f", "bad address@@x", "alice"], "bad sender address"),
     ([], "no recipients"),

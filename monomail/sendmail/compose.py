@@ -6,7 +6,9 @@ CR line endings become LF, a leading mbox ``From `` line is dropped; ``Bcc`` and
 missing (RFC 5322 §3.6), a line longer than 998 octets is broken by inserting a newline
 and a space (as Postfix's SMTP client does, never inside a UTF-8 character); with
 ``-t`` the recipients are taken from To/Cc/Bcc (Resent-To/Cc/Bcc when the message has
-Resent- fields). Also: our Received field for a local submission (RFC 5321 §4.4), and
+Resent- fields). A bare local part in an address field (From, To, Cc, Reply-To, Sender
+and their Resent- forms) gets ``local.primary_domain`` in place, comments and display
+names kept (Postfix's ``append_at_myorigin``). Also: our Received field for a local submission (RFC 5321 §4.4), and
 addresses as monomail writes them. The header section is split by
 ``message.split_header``, the one splitter.
 
@@ -94,14 +96,89 @@ class Prepared:
     recipients: tuple[str, ...]  # from the header fields (when asked for)
 
 
+ADDRESS_FIELDS = frozenset({"from", "to", "cc", "reply-to", "sender", "resent-from", "resent-to", "resent-cc",
+                            "resent-sender"})
+
+
+def _top_level_split(value: str) -> list[str]:
+    """An address list split at its commas (not those in quotes, comments or <...>)."""
+    parts, start, depth, quoted, angle, i = [], 0, 0, False, False, 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if quoted:
+            quoted = ch != '"'
+        elif ch == '"' and not depth:
+            quoted = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+        elif not depth and ch in "<>":
+            angle = ch == "<"
+        elif ch == "," and not depth and not angle:
+            parts.append(value[start:i])
+            start = i + 1
+        i += 1
+    parts.append(value[start:])
+    return parts
+
+
+def _without_comments(text: str) -> str:
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and depth:
+            i += 2
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+_ANGLE_LOCAL = re.compile(r"<\s*([^\s<>@\"(),:;\\]+)\s*>")
+_BARE_WORD = re.compile(r"[^\s<>@\"(),:;\\\[\]]+\Z")
+
+
+def _qualify_one(part: str, domain: str) -> str:
+    if "<" in part:  # display name <addr>: the first angle address without a domain
+        return _ANGLE_LOCAL.sub(lambda m: f"<{m.group(1)}@{domain}>", part, count=1)
+    word = _without_comments(part).strip()
+    if not _BARE_WORD.match(word):  # already qualified, a group, a quoted word: as it is
+        return part
+    at = part.find(word)
+    return part if at < 0 else f"{part[:at + len(word)]}@{domain}{part[at + len(word):]}"
+
+
+def qualify_field(header_field: bytes, domain: str) -> bytes:
+    """One address field with every bare local part qualified with ``domain``, else as given."""
+    name, _, raw = header_field.partition(b":")
+    value = raw.decode("utf-8", "surrogateescape")
+    parts = _top_level_split(value)
+    qualified = [_qualify_one(p, domain) for p in parts]
+    if qualified == parts:
+        return header_field
+    return name + b":" + ",".join(qualified).encode("utf-8", "surrogateescape")
+
+
 def prepare(raw: bytes, *, from_address: str, full_name: str, hostname: str, extract: bool,
-            now: float | None = None) -> Prepared:
-    """The message as it is submitted: Bcc/Resent-Bcc removed, From/Date/Message-ID added
-    when missing, long lines broken. ``raw`` is already `normalize`d."""
+            now: float | None = None, domain: str = "") -> Prepared:
+    """The message as it is submitted: Bcc/Resent-Bcc removed, bare local parts in address
+    fields qualified with ``domain`` (when given), From/Date/Message-ID added when missing,
+    long lines broken. ``raw`` is already `normalize`d."""
     section, body = split_header(raw)
     fields = header_fields(section)
     found = header_recipients(fields) if extract else []
     kept = [f for f in fields if _name(f) not in ("bcc", "resent-bcc")]
+    if domain:
+        kept = [qualify_field(f, domain) if _name(f) in ADDRESS_FIELDS else f for f in kept]
     names = {_name(f) for f in kept}
     added = []
     if "from" not in names:

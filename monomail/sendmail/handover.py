@@ -1,18 +1,22 @@
-"""Handing a submitted message to monomail: the running server over SMTP, else the spool.
+"""Handing a submitted message to monomail: the running server's local socket, else the
+drop folder (or, for the spool's own user, the spool).
 
-Job: if the server is running (its PID file in ``server.spool_dir`` names a live process
-and the first ``server.listen`` address answers), send over SMTP on loopback: a trusted
-client, so remote recipients relay, and the server's own checks apply. Otherwise, or
-for the recipients the server deferred (4xx) or when the session breaks, journal the
-message with ``Spool.journal_new`` (the one way to journal a new message: written,
-fsync'd, renamed), with our Received field on top; the server delivers it when it
-starts, or at once if it was running (it is told with SIGUSR1, ``control``). Unknown
-local users are refused now, as the server would at RCPT time.
+Job: if the server is running (its state file ``<spool>/public/monomail.pid``, readable
+by every user, names a live process and its local SMTP socket), send over that socket:
+the server knows the caller by the socket's peer credentials, trusts it to relay, and
+applies its own checks (the sender rule among them). Otherwise, or for the recipients
+the server deferred (4xx) or when the session breaks: the caller that owns the spool
+(the server's own user, or whoever runs a private monomail) journals the message with
+``Spool.journal_new`` (the one way to journal a new message: written, fsync'd, renamed)
+with our Received field on top, and wakes the server (SIGUSR1, ``control``); anyone
+else leaves it in the drop folder (``maildrop.deposit``), which the server reads at
+start and every few seconds. Unknown local users are refused now, as the server would
+at RCPT time.
 
-Error handling: the spool that cannot be written, for any reason, is a `Failure` with
-``EX_TEMPFAIL`` (75: the caller keeps the message and tries again), its cause chained;
-an error while checking a recipient that nobody classified leaves the decision to the
-server at delivery time.
+Error handling: a spool or drop folder that cannot be written, for any reason, is a
+`Failure` with ``EX_TEMPFAIL`` (75: the caller keeps the message and tries again), its
+cause chained; an error while checking a recipient that nobody classified leaves the
+decision to the server at delivery time.
 
 Not here: the message itself (``compose``), exit codes of the command (``monomail.sendmail``).
 """
@@ -21,14 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pwd
 import smtplib
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from ..control import RunningServer, running_server, tell_server
+from ..control import RunningServer, maildrop_dir, tell_server
 from ..envelope import Address, new_id
 from ..errors import Failure, RouteError, SpoolError
+from ..maildrop import deposit
 from ..policy import check_recipient
 from ..record import parse_reply
 from ..router import Tables
@@ -38,8 +46,6 @@ from ..sysexits import EX_NOUSER, EX_TEMPFAIL, EX_UNAVAILABLE
 from ..tables import FileTables
 from .compose import received_field
 
-STARTUP_WAIT = 3.0  # seconds to wait for a server whose process is alive but not yet listening
-
 log = logging.getLogger("monomail.sendmail")
 
 
@@ -48,6 +54,7 @@ class Result:
     sent: list[str] = field(default_factory=list)  # taken by the running server
     queued: list[str] = field(default_factory=list)  # written to the spool
     queue_id: str = ""
+    dropped: bool = False  # ``queued`` went into the drop folder
     server_reply: str = ""
     refused: dict[str, str] = field(default_factory=dict)  # recipient → permanent reply
 
@@ -64,16 +71,24 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
 
 
 def _connect(server: RunningServer, config: Config) -> smtplib.SMTP:
-    """An SMTP session with the server; waits briefly for one that is starting up."""
+    """An SMTP session with the server on its local socket (greeted). Raises OSError or
+    ``smtplib.SMTPException``."""
+    assert server.socket is not None
     timeout = config.remote.cut_through + 30
-    deadline = time.monotonic() + STARTUP_WAIT
-    while True:
-        try:
-            return smtplib.SMTP(server.host, server.port, local_hostname=config.hostname, timeout=timeout)
-        except ConnectionRefusedError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.1)
+    client = smtplib.SMTP(local_hostname=config.hostname, timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(str(server.socket))
+    except OSError:
+        sock.close()
+        raise
+    client.sock = sock
+    code, text = client.getreply()
+    if code != 220:
+        client.close()
+        raise smtplib.SMTPConnectError(code, text)
+    return client
 
 
 def submit_smtp(server: RunningServer, config: Config, sender: str, recipients: Sequence[str], data: bytes,
@@ -89,7 +104,7 @@ def submit_smtp(server: RunningServer, config: Config, sender: str, recipients: 
     try:
         client = _connect(server, config)
     except (OSError, smtplib.SMTPException) as exc:
-        log.info("server at %s:%d not reachable: %s", server.host, server.port, exc)
+        log.info("server at %s not reachable: %s", server.socket, exc)
         return todo
     server.connected = True
     try:
@@ -144,7 +159,7 @@ def submit_smtp(server: RunningServer, config: Config, sender: str, recipients: 
                     deferred += accepted
                 _done(todo, accepted)
     except Exception as exc:  # a broken session: whatever is unfinished goes to the spool
-        log.info("SMTP session with %s:%d failed: %r", server.host, server.port, exc)
+        log.info("SMTP session with %s failed: %r", server.socket, exc)
     return deferred + todo
 
 
@@ -165,10 +180,8 @@ def check_local(config: Config, tables: Tables, address: Address, sender: str) -
         log.info("cannot check <%s> now: %r", address, exc)
 
 
-def submit_spool(config: Config, sender: str, recipients: Sequence[str], data: bytes, result: Result,
-                 uid: int) -> None:
-    """Journal the message for ``recipients`` in the spool (refusing unknown local users
-    now, as the server would at RCPT time). Raises `Failure` (75) when it cannot be written."""
+def _known(config: Config, sender: str, recipients: Sequence[str], result: Result) -> list[str]:
+    """The recipients the server would take at RCPT time; the others into ``result.refused``."""
     tables = FileTables()
     ok = []
     for r in recipients:
@@ -178,6 +191,14 @@ def submit_spool(config: Config, sender: str, recipients: Sequence[str], data: b
             result.refused[r] = str(exc.reply)
             continue
         ok.append(r)
+    return ok
+
+
+def submit_spool(config: Config, sender: str, recipients: Sequence[str], data: bytes, result: Result,
+                 uid: int) -> None:
+    """Journal the message for ``recipients`` in the spool (refusing unknown local users
+    now, as the server would at RCPT time). Raises `Failure` (75) when it cannot be written."""
+    ok = _known(config, sender, recipients, result)
     if not ok:
         return
     now = time.time()
@@ -193,19 +214,61 @@ def submit_spool(config: Config, sender: str, recipients: Sequence[str], data: b
     result.queue_id = env.id
 
 
+def submit_drop(config: Config, sender: str, recipients: Sequence[str], data: bytes, result: Result) -> None:
+    """Leave the message for ``recipients`` in the drop folder (refusing unknown local users
+    now). Raises `Failure` (75) when it cannot be written."""
+    ok = _known(config, sender, recipients, result)
+    if not ok:
+        return
+    folder = maildrop_dir(config)
+    try:
+        deposit(folder, sender, ok, data)
+    except OSError as exc:  # whatever the reason: try again later
+        raise Failure(EX_TEMPFAIL, f"cannot write to the drop folder {folder}: {exc} "
+                                   "(is monomail installed and started once?)") from exc
+    result.queued += ok
+    result.dropped = True
+
+
+def owns_spool(config: Config) -> bool:
+    """Is the caller the spool's own user (who may write its entries)? A spool not made yet
+    is the caller's when it could make it."""
+    path = config.server.spool_dir
+    try:
+        return os.stat(path).st_uid == os.geteuid()
+    except FileNotFoundError:
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        return os.access(parent, os.W_OK)
+    except OSError:
+        return False
+
+
+def server_uid(config: Config, server: RunningServer | None) -> int | None:
+    """The uid the server runs as: the state file's word, else ``server.user``'s."""
+    if server is not None and server.uid is not None:
+        return server.uid
+    try:
+        return pwd.getpwnam(config.server.user).pw_uid if config.server.user else None
+    except (KeyError, OSError):
+        return None
+
+
 def submit(config: Config, sender: str, recipients: Sequence[str], data: bytes, *, uid: int,
-           verbose: bool = False) -> Result:
-    """Hand a prepared (LF) message to the running server, or to the spool."""
+           server: RunningServer | None, verbose: bool = False) -> Result:
+    """Hand a prepared (LF) message to the running server, else the spool or the drop folder."""
     result = Result()
-    server = running_server(config)
     todo = list(recipients)
-    if server is not None:
-        traced = received_field(config.hostname, uid, time.time()) + data
-        todo = submit_smtp(server, config, sender, todo, traced, result, verbose)
+    if server is not None and server.socket is not None:
+        todo = submit_smtp(server, config, sender, todo, data, result, verbose)
     if todo:
-        submit_spool(config, sender, todo, data, result, uid)
-        if result.queued:
-            tell_server(server)
+        if owns_spool(config):
+            submit_spool(config, sender, todo, data, result, uid)
+            if result.queued:
+                tell_server(server)
+        else:
+            submit_drop(config, sender, todo, data, result)
     return result
 
 

@@ -23,16 +23,21 @@ Submit one message, read on standard input, as sendmail(8) does.
   recipient ...   addresses to send to (a bare name gets local.primary_domain)
   -t              also send to the To, Cc and Bcc addresses of the message (Bcc is removed)
   -i, -oi         a line holding a single '.' does not end the message
-  -f, -r sender   envelope sender ('' or '<>': the null sender); default: your login
+  -oem, -oee      mail errors back: refused recipients become a bounce to the sender
+                  (exit 0), as cron asks
+  -f, -r sender   envelope sender ('' or '<>': the null sender); default: your login@primary
+                  domain; honoured for trusted users only (root, the server's user,
+                  local.trusted_users): for others it is ignored
   -F name         full name for a From field the message lacks
   -bm             deliver the message (the default)
   -bs             speak SMTP on standard input and output
   -bp             list the queue (as 'monomail queue list'; also 'mailq')
+  -bi             check the config: aliases are read from it (also 'newaliases')
   -q              retry the whole queue now (as 'monomail queue flush')
   -v              show the SMTP dialogue and what happened, on standard error
   --help          this text
 
-Accepted and ignored: -oX..., -B type, -N dsn, -L tag, -C file, -R ret, -V envid,
+Accepted and ignored: other -oX..., -B type, -N dsn, -L tag, -C file, -R ret, -V envid,
 -X file, -O opt=value, -h hops, -n, -m, -U, -G, -d..., -A....
 The configuration is $MONOMAIL_CONFIG, else ./monomail.toml, else /etc/monomail/monomail.toml.
 Exit status (sysexits.h): 0 sent or queued, 64 usage, 65 bad data, 67 recipient refused,
@@ -45,12 +50,13 @@ _PLAIN = set("tivnmUG")
 
 @dataclass
 class Options:
-    mode: str = "m"  # m: deliver, s: SMTP on stdio, p: list the queue, q: flush the queue, help
+    mode: str = "m"  # m: deliver, s: SMTP on stdio, p: list the queue, q: flush the queue, i: aliases, help
     extract: bool = False  # -t
     ignore_dots: bool = False  # -i / -oi
     sender: str | None = None  # -f / -r
     full_name: str | None = None  # -F
     verbose: bool = False  # -v
+    errors_mailed: bool = False  # -oem / -oee: refused recipients become a bounce, exit 0
     recipients: list[str] = field(default_factory=list)
 
 
@@ -120,12 +126,14 @@ def _attached(opts: Options, ch: str, rest: str) -> None:
             raise UsageError("option -o requires a value (such as -oi)")
         if rest == "i":
             opts.ignore_dots = True
-        # -oem, -oep, -odi, -odb, -odq, -oQdir, any other -oX...: ignored
+        elif rest.startswith("e") and len(rest) == 2:
+            opts.errors_mailed = rest[1] in "me"  # -oep / -oeq / -oew: printed, as without
+        # -odi, -odb, -odq, -oQdir, any other -oX...: ignored
     elif ch == "b":
         if rest in ("m", "s", "p"):
             opts.mode = rest
         elif rest in ("i", "I"):
-            raise UsageError("-bi is not supported: monomail reads its aliases from monomail.toml")
+            opts.mode = "i"
         elif rest in ("d", "D"):
             raise UsageError(f"-b{rest} is not supported: run 'monomail serve'")
         elif rest in ("t", "v"):

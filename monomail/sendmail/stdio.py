@@ -9,9 +9,11 @@ at delivery time). After DATA the message is completed like any local submission
 (``compose.prepare``) and goes the usual way (``handover``: the running server, else
 the spool); the reply says how that went.
 
-The two differences from the network face are those of a local submission, and are the
-core's ``strict=False``: lines may end in a bare LF, and long message lines are broken
-rather than refused. The exit status is 0 unless the session itself failed.
+The differences from the network face are those of a local submission: the core's
+``strict=False`` (lines may end in a bare LF, and long message lines are broken rather
+than refused), and the local sender rule (``policy.local_sender``: MAIL FROM the
+caller's own address or ``<>`` unless the caller is trusted, else 553 5.7.1, as on the
+server's local socket). The exit status is 0 unless the session itself failed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import logging
 import os
 from typing import BinaryIO
 
+from .. import policy
+from ..control import running_server
 from ..errors import LOCAL_ERROR, Failure, Reply, reply_for
 from ..record import parse_reply
 from ..settings import Config
@@ -28,7 +32,7 @@ from ..sysexits import EX_OK
 from ..tables import FileTables
 from ..transaction import Message, Next, Step, Transaction, wire
 from .compose import envelope_sender, login, normalize, prepare
-from .handover import check_local, describe, submit
+from .handover import check_local, describe, server_uid, submit
 from .options import Options
 
 IDENT = "ESMTP monomail sendmail"
@@ -49,7 +53,10 @@ class StdioSMTP:
         self.wfile = wfile
         self.tables = FileTables()
         self.login, self.gecos = login()
-        self.core = Transaction(config, functools.partial(check_local, config, self.tables), strict=False)
+        self.server = running_server(config)
+        trusted = policy.trusted_user(os.getuid(), self.login, config, server_uid(config, self.server))
+        self.core = Transaction(config, functools.partial(check_local, config, self.tables), strict=False,
+                                local_sender=lambda s: policy.local_sender(s, self.login, trusted, config))
 
     def send(self, replies: tuple[Reply, ...]) -> None:
         self.wfile.write(wire(replies))
@@ -111,9 +118,10 @@ class StdioSMTP:
         prepared = prepare(normalize(msg.content.join()),
                            from_address=sender or envelope_sender(None, self.login, primary),
                            full_name=self.gecos if self.opts.full_name is None else self.opts.full_name,
-                           hostname=self.config.hostname, extract=False)
+                           hostname=self.config.hostname, extract=False, domain=primary)
         try:
-            result = submit(self.config, sender, list(msg.recipients), prepared.data, uid=os.getuid())
+            result = submit(self.config, sender, list(msg.recipients), prepared.data, uid=os.getuid(),
+                            server=self.server)
         except Failure as exc:  # temporary: the spool cannot be written
             log.info("not accepted: %s", exc.message)
             reply = reply_for(exc.__cause__ or exc)
@@ -122,7 +130,8 @@ class StdioSMTP:
             first = next(iter(result.refused.values()), str(TRANSACTION_FAILED))
             reply = parse_reply(first)  # the server's (or the policy's) own reply, as text
             return reply if reply.permanent else TRANSACTION_FAILED
-        how = f"queued as {result.queue_id}" if result.queued else "sent"
+        how = ("left for the server" if result.dropped else f"queued as {result.queue_id}") if result.queued \
+            else "sent"
         if result.refused:
             how += "; refused: " + describe(result.refused)
         return Reply(250, "2.0.0", f"Ok: {how}")
