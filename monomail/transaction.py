@@ -404,6 +404,8 @@ class Transaction:
                     raise ProtocolError(BAD_BODY, f"BODY={value!r}")
             elif key != "SMTPUTF8" or value is not None:
                 raise ProtocolError(UNKNOWN_PARAM, f"MAIL parameter {key}")
+        if address is not None and not address.domain and self.local_sender is not None:
+            address = Address(address.local, self.primary_domain, address.quoted)  # a local submission
         self.sender = str(address) if address else ""
         if self.login is not None and self.sender and not self._owns(self.sender):
             raise ProtocolError(SENDER_NOT_OWNED, f"{self.login} may not send as {self.sender}")
