@@ -333,7 +333,8 @@ def test_cron_oem_while_stopped_bounces_at_start(site: Site):
 
 def test_newaliases_checks_the_config(site: Site):
     for argv in (["-m", "monomail.sendmail", "-bi"],
-                 ["-c", "import sys; sys.argv[0] = 'newaliases'; from monomail.sendmail import main; sys.exit(main())"]):
+                 ["-c", "import sys; sys.argv[0] = 'newaliases'; from monomail.sendmail import main; "
+                        "sys.exit(main())"]):
         done = site.run(site.user, *argv)
         assert done.returncode == 0, done.stderr
         assert "reads its aliases from it" in done.stdout
@@ -372,7 +373,8 @@ def test_drop_files_are_checked_before_they_are_read(tmp_path: Path):
 
 def test_address_fields_are_qualified_in_place():
     assert qualify_field(b"From: root (Cron Daemon)\n", "ex.test") == b"From: root@ex.test (Cron Daemon)\n"
-    assert qualify_field(b'To: a, "B, b" <bb>, c@x.test\n', "ex.test") == b'To: a@ex.test, "B, b" <bb@ex.test>, c@x.test\n'
+    assert (qualify_field(b'To: a, "B, b" <bb>, c@x.test\n', "ex.test")
+            == b'To: a@ex.test, "B, b" <bb@ex.test>, c@x.test\n')
     assert qualify_field(b"To: undisclosed-recipients:;\n", "ex.test") == b"To: undisclosed-recipients:;\n"
     assert qualify_field(b"Cc: x@y.test (Y)\n", "ex.test") == b"Cc: x@y.test (Y)\n"
 
