@@ -6,8 +6,10 @@ removing or renaming another's file), as Postfix's ``maildrop`` with ``postdrop`
 
 - `deposit` (``sendmail``, as the user): the envelope and the message into a new file,
   created ``O_EXCL`` under a temporary name starting with ``.``, mode 0600, written,
-  fsync'd, then renamed to an unguessable name (128 random bits), so a half-written file
-  is never taken.
+  fsync'd, made 0444 (the server may run as its own unprivileged user, which must read
+  it) and renamed to an unguessable name (128 random bits), so a half-written file is
+  never taken. As with Postfix's 0444 maildrop files, what keeps other users out is the
+  folder: they cannot list it, so they never learn a name.
 - `collect` (the server): every finished file, each opened ``O_NOFOLLOW|O_NONBLOCK`` and
   used only when it is a regular file with one link and at most `limit` bytes. What it
   yields carries the file's OWNER (``st_uid`` of the open file): the caller decides the
@@ -19,7 +21,8 @@ File format: one line of JSON, ``{"v": 1, "sender": "...", "recipients": [...]}`
 the message with LF line endings.
 
 Security stance: nothing in a drop file can reach another user's message: each file is
-its writer's alone (created ``O_EXCL``, 0600, sticky folder), and the server trusts only
+its writer's alone (created ``O_EXCL``, read-only, its name never listed, sticky folder:
+nobody else may remove or replace it), and the server trusts only
 its owner's uid, read from the open file. A hard link to someone else's file (which
 would carry that owner) has two links and is refused; a symbolic link or a FIFO is
 refused before it is read.
@@ -44,6 +47,7 @@ from .envelope import parse_path
 from .safeio import fsync_dir, write_all
 
 VERSION = 1
+DROP_MODE = 0o444  # finished: the server reads it, whatever user it runs as
 TEMP_PREFIX = "."
 STALE_TEMP = 3600.0  # seconds: a temporary file this old was left by a writer that died
 MAX_RECIPIENTS = 10000
@@ -85,6 +89,7 @@ def deposit(folder: Path, sender: str, recipients: Sequence[str], data: bytes) -
         os.fchmod(fd, 0o600)
         write_all(fd, [head.encode("utf-8", "surrogateescape"), b"\n", data])
         os.fsync(fd)
+        os.fchmod(fd, DROP_MODE)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):

@@ -185,24 +185,29 @@ def test_while_stopped_it_is_dropped_and_delivered_at_the_next_start(site: Site)
     assert result.returncode == 0, result.stderr
     [drop] = site.drop_files()
     st = drop.lstat()
-    assert st.st_uid == site.user.pw_uid and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == site.user.pw_uid and stat.S_IMODE(st.st_mode) == 0o444
     assert not site.maildir("alice")
 
-    # Another account can neither list the drop folder nor read (or remove) the file.
+    # Another account cannot list the drop folder (so it never learns a name to read), nor
+    # remove, replace or change the file even when told its name.
     probe = f"""
 import os, json
 out = {{}}
 for name, act in [("list", lambda: os.listdir({str(site.drop)!r})),
-                  ("read", lambda: open({str(drop)!r}, "rb").read()),
-                  ("remove", lambda: os.unlink({str(drop)!r}))]:
+                  ("write", lambda: open({str(drop)!r}, "r+b")),
+                  ("remove", lambda: os.unlink({str(drop)!r})),
+                  ("create", lambda: open({str(site.drop / "x")!r}, "xb").close()),
+                  ("replace", lambda: os.rename({str(site.drop / "x")!r}, {str(drop)!r}))]:
     try:
         act(); out[name] = "done"
     except PermissionError:
         out[name] = "refused"
+os.unlink({str(site.drop / "x")!r})
 print(json.dumps(out))
 """
     out = site.run(site.other, "-c", probe)
-    assert json.loads(out.stdout) == {"list": "refused", "read": "refused", "remove": "refused"}, out.stderr
+    assert json.loads(out.stdout) == {"list": "refused", "write": "refused", "remove": "refused",
+                                      "replace": "refused", "create": "done"}, out.stderr
 
     site.start()
     wait_until(lambda: site.maildir("alice"))
@@ -240,6 +245,47 @@ os.link(made, drop / "hardlink")
         assert f"drop file {name} (uid " in log and why in log, log
     assert sorted(p.name for p in (site.spool / "maildrop.bad").iterdir()) == ["garbage", "hardlink", "link"]
     assert server.proc is not None and server.proc.poll() is None
+
+
+def test_after_the_drop_to_server_user_the_public_corner_is_that_users(site: Site):
+    """Started as root with ``server.user`` (the lead's privilege drop): the public corner
+    is made by the account the server became; users submit through it; root, whose files
+    must not land in that account's spool, uses the drop folder while it is stopped."""
+    text = site.config.read_text().replace(f'user = "{pwd.getpwuid(os.geteuid()).pw_name}"',
+                                           f'user = "{site.other.pw_name}"')
+    site.config.write_text(text)
+    server = site.start()
+    public = site.spool / "public"
+    for path, mode in ((site.spool, 0o711), (public, 0o755), (site.drop, 0o1733),
+                       (public / "monomail.pid", 0o644), (public / "submit", 0o666)):
+        st = path.lstat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (site.other.pw_uid, mode), path
+    assert f"uid {site.other.pw_uid}" in (public / "monomail.pid").read_text().splitlines()
+    result = site.sendmail(site.user, "-f", f"{site.other.pw_name}@example.test", "alice", stdin=b"Subject: a\n\nx\n")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: site.maildir("alice"))
+    assert site.maildir("alice")[0]["Return-Path"] == f"<{site.address(site.user)}>"
+    # the server's own user is trusted
+    result = site.sendmail(site.other, "-f", "boss@example.test", "carol", stdin=b"Subject: c\n\nx\n")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: site.maildir("carol"))
+    assert site.maildir("carol")[0]["Return-Path"] == "<boss@example.test>"
+
+    site.stop(server)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MONOMAIL_CONFIG": str(site.config)}
+    done = subprocess.run([sys.executable, "-m", "monomail.sendmail", "-f", "root-job@example.test", "bob"],
+                          input=b"Subject: from root\n\nx\n", capture_output=True, env=env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    [drop] = site.drop_files()
+    assert drop.lstat().st_uid == 0
+    assert {p.lstat().st_uid for p in site.spool.iterdir()} == {site.other.pw_uid}
+    again = site.start()  # (it would refuse a spool holding root's files)
+    try:
+        wait_until(lambda: (site.base / "mail" / "bob").exists() and not site.drop_files())
+    except AssertionError:
+        raise AssertionError(again.log.read_text()[-3000:]) from None
+    [msg] = mailbox.mbox(site.base / "mail" / "bob")
+    assert msg["Return-Path"] == "<root-job@example.test>"  # root is trusted
 
 
 # -- the spool is the server's ---------------------------------------------------------
@@ -350,7 +396,7 @@ def test_drop_files_are_checked_before_they_are_read(tmp_path: Path):
     folder = tmp_path / "drop"
     folder.mkdir()
     good = maildrop.deposit(folder, "a@example.test", ["b@example.test"], b"Subject: s\n\nbody\n")
-    assert len(good.name) == 32 and stat.S_IMODE(good.stat().st_mode) == 0o600
+    assert len(good.name) == 32 and stat.S_IMODE(good.stat().st_mode) == 0o444
     (folder / "big").write_bytes(b'{"v": 1, "sender": "", "recipients": ["b@x.test"]}\n' + b"x" * 5000)
     (folder / "nobody").write_bytes(b'{"v": 1, "sender": "", "recipients": []}\nx\n')
     (folder / "bare").write_bytes(b'{"v": 1, "sender": "", "recipients": ["bob"]}\nx\n')
