@@ -169,7 +169,7 @@ def submit_spool(config: Config, sender: str, recipients: Sequence[str], data: b
                  uid: int) -> None:
     """Journal the message for ``recipients`` in the spool (refusing unknown local users
     now, as the server would at RCPT time). Raises `Failure` (75) when it cannot be written."""
-    tables = FileTables()
+    tables = FileTables(config.local)
     ok = []
     for r in recipients:
         try:

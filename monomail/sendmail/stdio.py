@@ -47,7 +47,7 @@ class StdioSMTP:
         self.opts = opts
         self.rfile = rfile
         self.wfile = wfile
-        self.tables = FileTables()
+        self.tables = FileTables(config.local)
         self.login, self.gecos = login()
         self.core = Transaction(config, functools.partial(check_local, config, self.tables), strict=False)
 
