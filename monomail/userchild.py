@@ -129,7 +129,7 @@ def _plain_address(a: str) -> bool:
 
 def child_timeout(config: Config) -> float:
     """How long the child may take in all: room for a few pipes and mbox locks."""
-    return 4 * config.filters.pipe_timeout + 2 * config.local.lock_timeout + 10.0
+    return 4 * config.filters.pipe_timeout + 2 * config.local.lock_timeout + 5.0
 
 
 def relay_logs(name: str, records: list[tuple[int, str, str]]) -> None:
