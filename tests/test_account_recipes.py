@@ -31,7 +31,8 @@ def put(entry: Any, name: str, text: str, mode: int = 0o644) -> Path:
 
 RECIPES = (
     ":0:\n* ^Subject:.*folder\nfiltered\n\n"
-    ":0\n* ^Subject:.*pipe\n| /bin/sh -c \"id -u > $HOME/uid.txt; id -G > $HOME/groups.txt\"\n\n"
+    ":0\n* ^Subject:.*pipe\n"
+    "| /bin/sh -c \"id -u > $HOME/uid.txt; id -G > $HOME/groups.txt; env > $HOME/env.tmp; mv env.tmp env.txt\"\n\n"
     ":0\n* ^Subject:.*maildir\nsorted/\n"
 )
 
@@ -49,10 +50,15 @@ def test_recipes_write_folders_and_run_pipes_as_the_account(serve, spool, unix_a
     send(server, rcpt, "nothing matches")
 
     assert wait_for_subjects(home / "filtered", 1) == ["into the folder"]
-    wait_until(lambda: (home / "uid.txt").exists() and (home / "uid.txt").read_text().strip() != "")
+    wait_until(lambda: (home / "env.txt").exists())  # the pipe ran to its end (in MAILDIR: the home)
     assert (home / "uid.txt").read_text().strip() == str(entry.pw_uid)
     groups = {int(g) for g in (home / "groups.txt").read_text().split()}
     assert groups == {entry.pw_gid, _mail_gid()}  # its supplementary groups, not root's
+    env = dict(line.split("=", 1) for line in (home / "env.txt").read_text().splitlines() if "=" in line)
+    assert (env["HOME"], env["USER"], env["LOGNAME"], env["SHELL"]) == (
+        str(home), entry.pw_name, entry.pw_name, entry.pw_shell)
+    assert env["DEFAULT"] == str(spool / entry.pw_name) and env["MAILDIR"] == str(home)
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
     wait_until(lambda: (home / "sorted" / "new").is_dir() and len(os.listdir(home / "sorted" / "new")) == 1)
     for made in (home / "filtered", home / "uid.txt", home / "sorted", home / "sorted" / "new",
                  *(home / "sorted" / "new").iterdir()):

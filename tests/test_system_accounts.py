@@ -22,11 +22,12 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import cli, wait_until, write_config
 from unixaccounts import as_user
 
 
@@ -169,6 +170,45 @@ def test_a_mailbox_that_is_a_symlink_or_not_the_accounts_is_never_written(serve,
     assert target.read_text() == "keep me\n"
     assert foreign.read_text() == ""
     assert len(list(server.app.spool.ids())) == 2  # both kept for a retry, not lost
+
+
+def test_concurrent_messages_share_locked_appends_and_all_land(serve, spool, unix_account):
+    entry = unix_account()
+    server = accounts_server(serve, spool)
+    rcpt = f"{entry.pw_name}@example.test"
+
+    def one(i: int) -> None:
+        send(server, rcpt, f"message {i}")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(24)))
+    got = wait_for_subjects(spool / entry.pw_name, 24)
+    assert sorted(got) == sorted(f"message {i}" for i in range(24))
+
+
+def test_mailbox_owner_and_mode_do_not_depend_on_the_umask(process_server, spool, unix_account):
+    entry = unix_account()
+    old = os.umask(0o277)  # the server inherits it
+    try:
+        server = process_server(local={"system_accounts": True, "mail_spool": str(spool)})
+    finally:
+        os.umask(old)
+    send(server, f"{entry.pw_name}@example.test", "whatever the umask")
+    path = spool / entry.pw_name
+    assert wait_for_subjects(path, 1) == ["whatever the umask"]
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (entry.pw_uid, _mail_gid(), 0o660)
+
+
+def test_route_shows_the_account(spool, unix_account, tmp_path):
+    entry = unix_account()
+    path = write_config(tmp_path, local={"system_accounts": True, "mail_spool": str(spool)})
+    done = cli("route", "-c", str(path), f"{entry.pw_name}@example.test", "nosuchaccount@example.test")
+    assert done.returncode == 2, done.stderr  # the unknown one fails
+    out = done.stdout
+    assert f"account {entry.pw_name} (uid {entry.pw_uid})" in out, out
+    assert f"mbox {spool / entry.pw_name}" in out and f"home {entry.pw_dir}" in out, out
+    assert "nosuchaccount@example.test: unknown: FAILS 550 5.1.1" in out, out
 
 
 # -- routing -----------------------------------------------------------------------------------
