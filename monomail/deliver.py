@@ -11,6 +11,18 @@ Quarantine: a message that ``inbound`` marked as quarantined (DMARC ``p=quaranti
 failed; `inbound.quarantined`) goes into a Maildir user's ``.Junk`` folder instead of the
 inbox; an mbox user's copy carries the ``X-Spam-Flag: YES`` field.
 
+System accounts (``local.system_accounts``; the `Mailbox` carries the account): the
+account's ``~/.procmailrc``, when there is one, runs in a child process with the
+account's rights (``userchild``, at most ``userchild.MAX_CHILDREN`` at once), whatever
+``filters.enabled`` says; what the recipes deliver to DEFAULT, or the whole message when
+there are no recipes, is appended here (the server keeps root for this) to the spool
+mbox ``<local.mail_spool>/<name>`` through the same group commit, opened with the
+account's ownership (``mailstore.Owner``: the account, group ``mail``, 0660; 0600 and its
+own group where there is no ``mail`` group). Nothing under the account's home is
+touched by this process. Root's recipes are never run (logged: alias root to a person).
+A recipe child that fails, or a spool mbox that is not the account's own regular
+file, is a temporary failure.
+
 Speed: one trip to a worker thread per message per mailbox (open, write, fsync, rename
 together, in ``mailstore``), all destinations of a message in parallel, and concurrent
 messages for one mbox file gathered into one locked append with one fsync (group
@@ -101,6 +113,7 @@ class Deliverer:
         self._mbox_pending: dict[Path, _MboxBatch] = {}
         self._mbox_writing: set[Path] = set()
         self._mail_gid = accounts.mail_group() if config.local.system_accounts else None
+        self._children = asyncio.Semaphore(userchild.MAX_CHILDREN)  # recipe children at once
 
     async def attempt(
         self,
@@ -241,8 +254,9 @@ class Deliverer:
                 log.warning("mail to root: %s is not run (recipes never run as root); alias root to a person "
                             "([aliases] root = [...])", rcfile)
             else:
-                result = await userchild.run_recipes_as(account, b"".join(chunks), sender, env.received_at,
-                                                        self.config)
+                async with self._children:
+                    result = await userchild.run_recipes_as(account, b"".join(chunks), sender, env.received_at,
+                                                            self.config)
                 out_sender = forward_sender(sender, account.name, self.config)
                 spawns = tuple(Spawn(out_sender, tuple(a), b"", data=m) for a, m in result.forwards)
                 copies = list(result.handed_back)

@@ -42,6 +42,7 @@ from .settings import Account, Config
 
 log = logging.getLogger("monomail.userchild")
 
+MAX_CHILDREN = 8  # recipe children running at once per deliverer (each is a Python process)
 MAX_LOG_RECORDS = 200  # lines of the child's log relayed here
 MAX_LOG_TEXT = 2000  # characters per relayed line
 MAX_ADDRESS = 320  # characters in a forward address (RFC 5321 path limits, with room)

@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import wait_until
 from test_system_accounts import _mail_gid, accounts_server, send, spool, subjects, wait_for_subjects
 
@@ -167,3 +168,16 @@ def processes_of(uid: int) -> list[int]:
         if line.split()[1:2] == [str(uid)]:
             found.append(int(pid))
     return found
+
+
+def test_the_childs_answer_is_checked_like_user_input():
+    from monomail.userchild import ChildResult, RecipeChildFailed
+
+    good = ChildResult(True, [b"Subject: x\n\nbody\n"], [(["a@b.test"], b"m")], [(20, "monomail.filters", "ok")])
+    assert ChildResult.decode(good.encode()) == good
+    for bad in (b"", b"not json", b'{"delivered": "yes", "handed_back": [], "forwards": [], "logs": []}',
+                b'{"delivered": true, "handed_back": ["***"], "forwards": [], "logs": []}',
+                b'{"delivered": true, "handed_back": [], "forwards": [[["a b@c"], ""]], "logs": []}',
+                b'{"delivered": true, "handed_back": [], "forwards": [[[], ""]], "logs": []}'):
+        with pytest.raises(RecipeChildFailed):
+            ChildResult.decode(bad)
