@@ -1,6 +1,6 @@
 # monomail in a container: one process, config under /etc/monomail, spool and mail in volumes.
 #   docker build -t monomail .
-#   docker run -p 25:2525 -v monomail-spool:/var/spool/monomail -v monomail-mail:/var/mail \
+#   docker run -p 25:25 -v monomail-spool:/var/spool/monomail -v monomail-mail:/var/mail \
 #              -v ./monomail.toml:/etc/monomail/monomail.toml:ro monomail
 FROM python:3.12-slim
 
@@ -18,10 +18,10 @@ RUN pip install --no-cache-dir '.[fast]' && rm -rf /src \
 # The container's config: all interfaces, data in the volumes (deploy/container.toml).
 COPY deploy/container.toml /etc/monomail/monomail.toml
 
+# Started as root: monomail binds 25/587/465, then runs as `monomail` (server.user).
 WORKDIR /var/spool/monomail
-USER monomail
 VOLUME ["/var/spool/monomail", "/var/mail"]
-EXPOSE 2525 2587 2465
+EXPOSE 25 587 465
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s CMD ["monomail", "check-config", "-c", "/etc/monomail/monomail.toml"]
 CMD ["monomail", "serve", "-c", "/etc/monomail/monomail.toml"]

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import logging
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -454,6 +455,11 @@ def stop_server(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
     return proc.returncode
 
 
+def run_as() -> str:
+    """``server.user`` for a benchmark's server: whoever runs the benchmark (root says so)."""
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
 def write_monomail_config(directory: Path, *, hostname: str, listen: str, max_connections: int, user: str,
                           server_extra: str = "", sections: str = "", local_extra: str = "") -> Path:
     """``directory/monomail.toml``: one trusted listener, a local Maildir domain ``example.test`` with
@@ -469,6 +475,7 @@ spool_dir = "spool"
 max_connections = {max_connections}
 {server_extra}trusted_networks = ["127.0.0.0/8"]
 shutdown_grace = "10s"
+user = "{run_as()}"
 
 [local]
 domains = ["example.test"]

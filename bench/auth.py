@@ -58,6 +58,7 @@ from _common import (
     message_lines,
     new_parser,
     progress,
+    run_as,
     run_benchmark,
     run_sessions,
     serve_counting_sink,
@@ -142,6 +143,7 @@ max_connections = 200
 max_connections_per_ip = 200
 trusted_networks = ["{trusted}"]
 shutdown_grace = "10s"
+user = "{run_as()}"
 
 [local]
 domains = {json.dumps(domains)}

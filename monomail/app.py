@@ -30,11 +30,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import mailstore
+from . import mailstore, privileges
 from .control import PID_FILE
 from .deliver import Deliverer
 from .dkimsig import load_signer
-from .errors import SpoolBusy
+from .errors import ConfigError, SpoolBusy
 from .mboxrewrite import finish_interrupted_rewrite
 from .queue import Queue
 from .remote import Transport
@@ -72,6 +72,7 @@ class App:
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self.drop = privileges.plan(config)  # ConfigError: root without a mode, or server.user unusable
         self.executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="monomail-io")
         self.spool = Spool(config.server.spool_dir)
         self.transport = Transport(config)
@@ -90,17 +91,25 @@ class App:
         self._wrote_pid = False
 
     async def start(self) -> None:
-        """Take the spool, repair what a crash left, listen, start the retry runner.
-        Raises `SpoolBusy` (another server has the spool) or OSError."""
+        """Take the spool, bind the ports, give up root (``server.user``), repair what a
+        crash left, start serving and the retry runner. Raises `SpoolBusy` (another server
+        has the spool), `ConfigError` (folders that are not ``server.user``'s) or OSError."""
+        if self.drop is not None:
+            await asyncio.to_thread(privileges.prepare, self.config, self.drop)
         self._serve_lock = await asyncio.to_thread(self.spool.lock_for_serving)
+        if self.drop is not None:
+            os.fchown(self._serve_lock, self.drop.uid, self.drop.gid)
         for warning in self.config.warnings:
             log.warning("config: %s", warning)
+        await self.server.start(serving=False)
+        if self.drop is not None:  # bound as root; from here on, never root again
+            privileges.drop_to(self.drop)
         await asyncio.to_thread(make_dirs, self.config.local.mail_dir, 0o700)
         await asyncio.to_thread(self._repair_mailboxes)
         pending = await self.queue.load()
         if pending:
             log.info("spool: %d queued message(s) to resume", pending)
-        await self.server.start()
+        await self.server.serve()
         await asyncio.to_thread(write_file, self.pid_file, f"{os.getpid()}\n".encode(), mode=0o600)
         self._wrote_pid = True
         self._runner = asyncio.create_task(self.queue.run(), name="queue-runner")
@@ -178,7 +187,7 @@ async def serve(config: Config) -> int:
     loop.add_signal_handler(signal.SIGUSR1, app.reload_queue)
     try:
         await app.start()
-    except SpoolBusy as exc:
+    except (SpoolBusy, ConfigError) as exc:
         if config.log.file:  # else the command line's own one-line error says it
             log.error("cannot start: %s", exc)
         await app.shutdown()

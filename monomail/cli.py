@@ -26,6 +26,7 @@ from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from . import privileges
 from .config import load
 from .control import notify_server
 from .dkimsig import load_signer
@@ -65,7 +66,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config.tls.cert is not None and config.tls.key is not None:
         make_context(config.tls.cert, config.tls.key)  # ConfigError (tls.cert) if unusable
     load_signer(config)  # ConfigError (dkim."<domain>".key) if a key is unusable
-    for warning in config.warnings:
+    for warning in (*config.warnings, privileges.check(config)):
+        if warning is None:
+            continue
         print(f"warning: {warning}", file=sys.stderr)
     sub = config.submission
     listen = ", ".join([str(x) for x in config.server.listen] + [f"{x} (submission)" for x in sub.listen]

@@ -74,10 +74,11 @@ def write_file(path: Path, data: Chunk | Sequence[Chunk], *, mode: int = 0o600, 
         fsync_dir(path.parent)
 
 
-def make_dirs(path: Path, mode: int = 0o700) -> None:
-    """``mkdir -p`` with ``mode`` on every folder it creates, whatever the umask; folders
-    that exist keep their mode. Raises ``NotADirectoryError`` if something that is not
-    a folder is in the way."""
+def make_dirs(path: Path, mode: int = 0o700, owner: tuple[int, int] | None = None) -> None:
+    """``mkdir -p`` with ``mode`` on every folder it creates, whatever the umask (and, with
+    ``owner``, that uid and gid: root making folders for the account it will become);
+    folders that exist keep their mode and owner. Raises ``NotADirectoryError`` if
+    something that is not a folder is in the way."""
     missing = []
     p = path
     while not p.is_dir():
@@ -93,3 +94,5 @@ def make_dirs(path: Path, mode: int = 0o700) -> None:
                 raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder)) from None
             continue  # made meanwhile by someone else
         os.chmod(folder, mode)  # mkdir's mode was masked by the umask
+        if owner is not None:
+            os.chown(folder, *owner, follow_symlinks=False)

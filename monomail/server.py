@@ -518,9 +518,13 @@ class SMTPServer:
         self.kinds: list[str] = []  # each server's kind of listener, in `servers` order
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handshake_timeout = min(config.server.command_timeout, 60.0)  # an implicit TLS handshake
+        self._serving = True
 
-    async def start(self) -> None:
+    async def start(self, serving: bool = True) -> None:
+        """Bind every listener; with ``serving`` False, accept nothing until `serve`
+        (root binds, then gives up root before the first client: ``privileges``)."""
         self.loop = asyncio.get_running_loop()
+        self._serving = serving
         await asyncio.to_thread(inbound.prepare)
         sub = self.config.submission
         if (sub.listen or sub.listen_tls) and self.certificates is None:
@@ -535,11 +539,16 @@ class SMTPServer:
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC
         server = await self.loop.create_server(  # 465's TLS: `Session._implicit_tls`, once counted
             lambda: Session(self, kind), host=addr.host, port=addr.port, family=family,
-            reuse_address=True, backlog=512,
+            reuse_address=True, backlog=512, start_serving=self._serving,
         )
         self.servers.append(server)
         self.kinds.append(kind)
         log.info("listening on %s (%s)", addr, kind)
+
+    async def serve(self) -> None:
+        """Start accepting on listeners bound with ``start(serving=False)``."""
+        for server in self.servers:
+            await server.start_serving()
 
     def admit(self, session: Session) -> Reply | None:
         """A new connection: count it, or the 421 that refuses it (nothing counted then)."""

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import mailbox
+import os
+import pwd
 import shutil
 import signal
 import smtplib
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ProcessServer, cli
+from conftest import ROOT, cli
 
 
 def test_version():
@@ -19,26 +24,68 @@ def test_version():
     assert out.returncode == 0 and out.stdout.startswith("monomail ")
 
 
-def test_quickstart_bundled_config_serves_and_delivers(tmp_path: Path):
-    """The README's quick start: `monomail serve` on the bundled monomail.toml."""
-    shutil.copy(ROOT / "monomail.toml", tmp_path / "monomail.toml")
-    server = ProcessServer(tmp_path / "monomail.toml", 2525)
+def _quickstart(folder: Path, user: pwd.struct_passwd | None) -> subprocess.Popen[bytes]:
+    """`monomail serve` in ``folder`` on the bundled config, as ``user`` (None: as we are)."""
+    argv = [sys.executable, "-m", "monomail", "serve"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--", *argv]
+        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+    log = (folder / "server.log").open("ab")
+    return subprocess.Popen(argv, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_quickstart_bundled_config_serves_and_delivers(tmp_path: Path, request: pytest.FixtureRequest):
+    """The README's quick start: `monomail serve` on the bundled monomail.toml, without root
+    (as root, the test runs it as a throwaway account: the bundled file works unchanged)."""
+    user = None
+    folder = tmp_path
+    if os.geteuid() == 0:
+        user = request.getfixturevalue("unix_account")()
+        folder = Path(user.pw_dir) / "quickstart"
+        folder.mkdir()
+        os.chown(folder, user.pw_uid, user.pw_gid)
+    shutil.copy(ROOT / "monomail.toml", folder / "monomail.toml")
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 2525)) == 0:
+            pytest.skip("port 2525 is busy on this machine")
+    proc = _quickstart(folder, user)
     try:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", 2525)) == 0:
-                pytest.skip("port 2525 is busy on this machine")
-        server.start()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (folder / "server.log").read_text()[-2000:]
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 2525), 0.2):
+                break
+            time.sleep(0.05)
         with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as s:
             assert s.sendmail("me@remote.test", ["alice@example.test", "bob@example.test"],
                               b"Subject: quick start\r\n\r\nhi\r\n") == {}
-        assert server.terminate() == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
     finally:
-        if server.proc and server.proc.poll() is None:
-            server.proc.kill()
-    assert [m["Subject"] for m in mailbox.Maildir(tmp_path / "var/mail/alice", factory=None)] == ["quick start"]
-    assert [m["Subject"] for m in mailbox.mbox(tmp_path / "var/mail/bob")] == ["quick start"]
-    log = server.log.read_text()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert [m["Subject"] for m in mailbox.Maildir(folder / "var/mail/alice", factory=None)] == ["quick start"]
+    assert [m["Subject"] for m in mailbox.mbox(folder / "var/mail/bob")] == ["quick start"]
+    log = (folder / "server.log").read_text()
     assert "received from=<me@remote.test>" in log and "status=delivered" in log
+    if user is not None:  # every file it made is the account's own
+        made = [p for p in (folder / "var").rglob("*")]
+        assert made and {p.lstat().st_uid for p in made} == {user.pw_uid}
+
+
+def test_quickstart_as_root_refuses_without_a_mode(tmp_path: Path):
+    """Run as root on the bundled config (no server.user, no system accounts), monomail
+    says which mode to choose, and writes nothing: no mailbox only root could read."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    shutil.copy(ROOT / "monomail.toml", tmp_path / "monomail.toml")
+    out = cli("serve", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "config error: server.user: monomail is started as root" in out.stderr
+    assert "local.system_accounts" in out.stderr and "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["monomail.toml"]
 
 
 def test_sigterm_lets_a_session_in_flight_finish(process_server):

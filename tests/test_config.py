@@ -90,8 +90,10 @@ def test_alias_loop_is_a_warning(tmp_path: Path):
 def test_container_config_is_valid():
     out = cli("check-config", "-c", str(ROOT / "deploy" / "container.toml"))
     assert out.returncode == 0, out.stderr
-    assert "0.0.0.0:2525" in out.stdout
+    assert "0.0.0.0:25," in out.stdout
     dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "USER " not in dockerfile  # root binds port 25, then server.user = "monomail" takes over
+    assert 'user = "monomail"' in (ROOT / "deploy" / "container.toml").read_text()
     assert "COPY deploy/container.toml /etc/monomail/monomail.toml" in dockerfile
     assert 'CMD ["monomail", "serve", "-c", "/etc/monomail/monomail.toml"]' in dockerfile
 
