@@ -36,7 +36,9 @@ Judging a dot-lock that is in place, with the fcntl lock held:
 ============================  =========================================================
 its content                   what is done
 ============================  =========================================================
-``monomail SIZE``             ours, and its writer is dead: cut back to SIZE, take over
+``monomail SIZE``, made by    ours, and its writer is dead: cut back to SIZE, take over
+our own uid                   (of another uid: foreign, below; in a spool that others
+                              may write, e.g. 1777, nobody else's file cuts a mailbox)
 a process id (liblockfile,    broken at once if no such process exists here; waited
 ``dotlockfile -p``, mutt)     for while it does
 empty                         no owner recorded (Postfix, Exim and ``mutt_dotlock``
@@ -341,7 +343,7 @@ def _judge(fd: int, dotlock: Path) -> str:
     except FileNotFoundError:
         return "gone"
     age = time.time() - st.st_mtime
-    if content is not None and (m := _RECORD.fullmatch(content)):
+    if content is not None and (m := _RECORD.fullmatch(content)) and st.st_uid == os.geteuid():
         _recover(fd, dotlock, int(m.group(1)))
         return ""
     if content == b"":

@@ -263,3 +263,23 @@ def pwd_home(name: str) -> str:
     import pwd
 
     return pwd.getpwnam(name).pw_dir
+
+
+def test_a_planted_monomail_dot_lock_of_another_uid_never_cuts_a_mailbox(serve, spool, unix_account, caplog):
+    """In a spool others may write (1777 on some systems), a ``<name>.lock`` holding our record
+    but made by somebody else is a foreign lock: waited for, never a reason to cut the mbox."""
+    caplog.set_level(logging.INFO, logger="monomail")
+    owner, other = unix_account(), unix_account()
+    path = spool / owner.pw_name
+    path.write_text("From old@mail.test Tue Dec  1 10:00:00 2026\nSubject: kept\n\nold mail\n\n")
+    os.chown(path, owner.pw_uid, _mail_gid())
+    path.chmod(0o660)
+    planted = Path(f"{path}.lock")
+    planted.write_text("monomail 0\n")
+    os.chown(planted, other.pw_uid, other.pw_gid)
+    server = accounts_server(serve, spool, local={"lock_timeout": "1s"})
+    send(server, f"{owner.pw_name}@example.test", "new")
+    wait_until(lambda: "foreign dot-lock" in caplog.text)
+    assert subjects(path) == ["kept"]
+    planted.unlink()  # gone: the retry delivers
+    assert wait_for_subjects(path, 2) == ["kept", "new"]
