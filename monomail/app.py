@@ -78,7 +78,7 @@ class App:
         self.executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="monomail-io")
         self.spool = Spool(config.server.spool_dir)
         self.transport = Transport(config)
-        self.tables = FileTables()
+        self.tables = FileTables(config.local)
         signer = load_signer(config)  # ConfigError: a DKIM key that cannot be read stops start-up
         self.deliverer = Deliverer(config, self.executor, self.transport, self.tables, signer)
         self.queue = Queue(self.spool, self.deliverer.attempt, config.queue, hostname=config.hostname,

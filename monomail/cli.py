@@ -175,7 +175,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     from .tables import FileTables
 
     config = _load(args.config)
-    report, ok = run(args.addresses, config, FileTables(), args.sender)
+    report, ok = run(args.addresses, config, FileTables(config.local), args.sender)
     sys.stdout.write(report)
     return 0 if ok else 2
 

@@ -11,6 +11,18 @@ Quarantine: a message that ``inbound`` marked as quarantined (DMARC ``p=quaranti
 failed; `inbound.quarantined`) goes into a Maildir user's ``.Junk`` folder instead of the
 inbox; an mbox user's copy carries the ``X-Spam-Flag: YES`` field.
 
+System accounts (``local.system_accounts``; the `Mailbox` carries the account): the
+account's ``~/.procmailrc``, when there is one, runs in a child process with the
+account's rights (``userchild``, at most ``userchild.MAX_CHILDREN`` at once), whatever
+``filters.enabled`` says; what the recipes deliver to DEFAULT, or the whole message when
+there are no recipes, is appended here (the server keeps root for this) to the spool
+mbox ``<local.mail_spool>/<name>`` through the same group commit, opened with the
+account's ownership (``mailstore.Owner``: the account, group ``mail``, 0660; 0600 and its
+own group where there is no ``mail`` group). Nothing under the account's home is
+touched by this process. Root's recipes are never run (logged: alias root to a person).
+A recipe child that fails, or a spool mbox that is not the account's own regular
+file, is a temporary failure.
+
 Speed: one trip to a worker thread per message per mailbox (open, write, fsync, rename
 together, in ``mailstore``), all destinations of a message in parallel, and concurrent
 messages for one mbox file gathered into one locked append with one fsync (group
@@ -33,13 +45,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import dkimsig, mailstore
+from . import accounts, dkimsig, mailstore, userchild
 from .envelope import Address, Envelope, Outcome, Spawn, Status
 from .errors import Reply, RouteError, reply_for
 from .inbound import quarantined
@@ -48,7 +61,7 @@ from .remote import Transport
 from .resolver import BlockingLookup
 from .rewrite import forward_sender, masquerade_address, masquerade_headers
 from .router import Destination, ListPost, Mailbox, Remote, Tables, resolve
-from .settings import Config
+from .settings import Account, Config
 from .userfilter import UserFilters
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")
@@ -99,6 +112,8 @@ class Deliverer:
         self.signer = signer  # DKIM keys (``dkimsig.load_signer``); None: mail leaves unsigned
         self._mbox_pending: dict[Path, _MboxBatch] = {}
         self._mbox_writing: set[Path] = set()
+        self._mail_gid = accounts.mail_group() if config.local.system_accounts else None
+        self._children = asyncio.Semaphore(userchild.MAX_CHILDREN)  # recipe children at once
 
     async def attempt(
         self,
@@ -187,6 +202,11 @@ class Deliverer:
         sender = env.sender if dest.via.sender is None else dest.via.sender
         chunks = [delivery_headers(sender, dest.address) + _header_lines(dest.via.headers), data]
         spawns: tuple[Spawn, ...] = ()
+        if dest.account is not None:
+            try:
+                return await self._account(dest, dest.account, env, sender, chunks)
+            except Exception as exc:  # every local transport error is temporary
+                return [(dest.key, _Result(reply_for(exc), f"{where}: {type(exc).__name__}: {exc}"))]
         try:
             if self.filters is not None and self.config.filters.enabled:
                 user = self.config.users[dest.user]
@@ -211,6 +231,46 @@ class Deliverer:
                 await self._mbox(dest.path, (sender, env.received_at, chunks))
         except Exception as exc:  # every local transport error is temporary
             return [(dest.key, _Result(reply_for(exc), f"{where}: {type(exc).__name__}: {exc}"))]
+        return [(dest.key, _Result(DELIVERED, where, spawns=spawns))]
+
+    def _owner(self, account: Account) -> mailstore.Owner:
+        """A spool mbox's owner: the account, group mail 0660 (0600 with the account's own group
+        where there is no mail group)."""
+        if self._mail_gid is None:
+            return mailstore.Owner(account.uid, account.gid, 0o600)
+        return mailstore.Owner(account.uid, self._mail_gid, 0o660)
+
+    async def _account(self, dest: Mailbox, account: Account, env: Envelope, sender: str,
+                       chunks: list[bytes]) -> list[tuple[str, _Result]]:
+        """A system account: its recipes in a child with its rights (``userchild``), then what
+        is left for its spool mbox written here, with its ownership (``mailstore.Owner``)."""
+        loop = asyncio.get_running_loop()
+        where = f"mbox {dest.path}"
+        copies: list[bytes] = []  # whole messages for the spool mbox
+        spawns: tuple[Spawn, ...] = ()
+        rcfile = account.home / ".procmailrc" if account.home is not None else None
+        if rcfile is not None and await loop.run_in_executor(self.executor, os.path.lexists, rcfile):
+            if account.is_root:
+                log.warning("mail to root: %s is not run (recipes never run as root); alias root to a person "
+                            "([aliases] root = [...])", rcfile)
+            else:
+                async with self._children:
+                    result = await userchild.run_recipes_as(account, b"".join(chunks), sender, env.received_at,
+                                                            self.config)
+                out_sender = forward_sender(sender, account.name, self.config)
+                spawns = tuple(Spawn(out_sender, tuple(a), b"", data=m) for a, m in result.forwards)
+                copies = list(result.handed_back)
+                if result.delivered:
+                    where = f"{where} via recipes {rcfile}"
+                    if not copies:
+                        return [(dest.key, _Result(DELIVERED, where, spawns=spawns))]
+                    chunks = []
+        if chunks:
+            copies.append(b"".join(chunks))
+        owner = self._owner(account)
+        for copy in copies:
+            quoted = await loop.run_in_executor(self.executor, mailstore.mbox_quote, copy)
+            await self._mbox(dest.path, (sender, env.received_at, [quoted]), owner)
         return [(dest.key, _Result(DELIVERED, where, spawns=spawns))]
 
     async def _remote(self, domain: str, sender: str, headers: tuple[tuple[str, str], ...], dests: list[Remote],
@@ -241,7 +301,7 @@ class Deliverer:
             for r in results
         ]
 
-    async def _mbox(self, path: Path, item: mailstore.MboxItem) -> None:
+    async def _mbox(self, path: Path, item: mailstore.MboxItem, owner: mailstore.Owner | None = None) -> None:
         """Queue ``item`` for ``path``; the first caller writes every waiting item in batches.
 
         The wait for another program's lock (up to ``local.lock_timeout``) is cut into
@@ -265,7 +325,7 @@ class Deliverer:
                             wait = min(max(deadline - loop.time(), 0.001), 0.5)
                             try:
                                 await loop.run_in_executor(
-                                    self.executor, mailstore.deliver_mbox, path, todo.items, wait)
+                                    self.executor, mailstore.deliver_mbox, path, todo.items, wait, owner)
                                 break
                             except mailstore.MailboxLocked:
                                 if loop.time() >= deadline:

@@ -1,7 +1,8 @@
 """``monomail route``: show where addresses go, without sending anything.
 
 Job: what ``exim -bt`` and ``sendmail -bv`` do. For each address, print the tree of
-expansions the router made (list, virtual entry, alias, forward rule, user), the config
+expansions the router made (list, virtual entry, alias, forward rule, user, system
+account with its uid, mailbox and home), the config
 key each step came from, and each final destination: a local mailbox with its path and
 format, or a remote domain with the hosts it would be sent to (an MX lookup with the
 configured resolver, or the smarthost) and the envelope sender that copy would carry
@@ -66,6 +67,11 @@ async def _render(node: Node, depth: int, out: list[str], config: Config, sender
     elif isinstance(node.dest, Mailbox):
         box = node.dest
         out.append(f"{pad}{node.address}: {node.rule}{key} -> {box.format} {box.path}")
+        if box.account is not None:
+            acct = box.account
+            home = acct.home if acct.home is not None else "none (the mailbox only)"
+            out.append(f"{pad}  system account {acct.name}: uid {acct.uid}, gid {acct.gid}, mailbox {acct.mailbox}, "
+                       f"home {home}" + (" (root: recipes not run; alias root to a person)" if acct.is_root else ""))
     elif isinstance(node.dest, Remote):
         domain = node.dest.domain
         out.append(f"{pad}{node.address}: remote {domain} -> {await _hosts(domain, config, resolver, cache)}")

@@ -16,7 +16,9 @@ the message quoted with one more ``>``, a blank line after the message, written 
 when the locks are taken). On any error the file is cut back to its old length.
 
 Permissions never depend on the umask: folders this module creates are 0700, files 0600
-(``safeio.make_dirs``, ``fchmod``); existing ones keep theirs.
+(``safeio.make_dirs``, ``fchmod``); existing ones keep theirs. A system account's spool
+mbox is written with an ``Owner`` (``mboxlock``: its uid, the ``mail`` group, 0660, set
+before any data; an existing one used only if it is the account's own regular file).
 
 Messages are stored with LF line endings, as every Unix mail reader expects.
 Not here: which mailbox (``router``), the headers to add (``deliver``), the locking
@@ -40,12 +42,14 @@ from pathlib import Path
 
 from . import safeio
 from .errors import MailboxLocked
-from .mboxlock import locked_mbox, recover_mbox
+from .mboxlock import Owner, UnsafeMailbox, locked_mbox, recover_mbox
 
 __all__ = [
     "MAILDIR_TMP_MAX_AGE",
     "MailboxLocked",
     "MboxItem",
+    "Owner",
+    "UnsafeMailbox",
     "clean_maildir_tmp",
     "deliver_maildir",
     "deliver_mbox",
@@ -213,13 +217,14 @@ def from_line(sender: str, when: float) -> bytes:
 MboxItem = tuple[str, float, Sequence[bytes]]  # (envelope sender, arrival time, chunks)
 
 
-def deliver_mbox(path: Path, items: Sequence[MboxItem], lock_timeout: float) -> None:
+def deliver_mbox(path: Path, items: Sequence[MboxItem], lock_timeout: float, owner: Owner | None = None) -> None:
     """Append messages to the mbox under one lock and one fsync (group commit).
 
     Each item's chunks are already mboxrd-quoted with LF endings. All or nothing: on
-    any error the file is cut back to its old length.
+    any error the file is cut back to its old length. ``owner``: an account's spool mbox
+    (see ``mboxlock.Owner``).
     """
-    with locked_mbox(path, lock_timeout) as fd:
+    with locked_mbox(path, lock_timeout, owner) as fd:
         size = os.fstat(fd).st_size
         out: list[bytes] = []
         if size:

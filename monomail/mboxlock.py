@@ -11,6 +11,14 @@ record in a held dot-lock; `recover_mbox` repairs a mailbox after a crash (start
 Not here: what is written into the mbox (``mailstore``, ``mboxrewrite``). Blocking;
 callers run it off the event loop.
 
+A mailbox with an `Owner` (a system account's ``<mail_spool>/<name>``, written by a
+server that runs as root) is opened the careful way: an existing one without following
+a symbolic link, and used only when it is a regular file with one link owned by that
+uid (else `UnsafeMailbox`, a temporary failure: nothing is ever written to another
+file); a new one is created with ``O_EXCL | O_NOFOLLOW`` and given its owner, group and
+mode (``fchown``, ``fchmod``: never the umask's) before any byte is written. The folder
+is never created for it (the spool is the system's).
+
 The record. Our dot-lock holds ``monomail SIZE``: the mbox length when the writer began.
 A monomail writer holds the fcntl lock for as long as its dot-lock exists, so whoever
 takes the fcntl lock and finds a ``monomail`` dot-lock knows its writer died, and cuts
@@ -28,7 +36,9 @@ Judging a dot-lock that is in place, with the fcntl lock held:
 ============================  =========================================================
 its content                   what is done
 ============================  =========================================================
-``monomail SIZE``             ours, and its writer is dead: cut back to SIZE, take over
+``monomail SIZE``, made by    ours, and its writer is dead: cut back to SIZE, take over
+our own uid                   (of another uid: foreign, below; in a spool that others
+                              may write, e.g. 1777, nobody else's file cuts a mailbox)
 a process id (liblockfile,    broken at once if no such process exists here; waited
 ``dotlockfile -p``, mutt)     for while it does
 empty                         no owner recorded (Postfix, Exim and ``mutt_dotlock``
@@ -60,6 +70,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import safeio
@@ -81,6 +92,21 @@ _path_locks: dict[Path, threading.Lock] = {}
 _path_locks_guard = threading.Lock()
 
 
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Whose mbox this is: a new one gets this uid, gid and mode; an existing one must
+    belong to ``uid``."""
+
+    uid: int
+    gid: int
+    mode: int  # 0o660 (group mail) or 0o600
+
+
+class UnsafeMailbox(OSError):
+    """An account's mbox that is not written: a symbolic link, not a regular file, more
+    than one link, or another owner (temporary: an admin must look)."""
+
+
 def dotlock_path(mbox: Path) -> Path:
     return mbox.with_name(mbox.name + ".lock")
 
@@ -99,12 +125,13 @@ def _thread_lock(path: Path) -> threading.Lock:
 
 
 @contextmanager
-def locked_mbox(path: Path, timeout: float) -> Iterator[int]:
+def locked_mbox(path: Path, timeout: float, owner: Owner | None = None) -> Iterator[int]:
     """Open ``path`` for appending with the thread, fcntl and dot-lock held.
 
     Yields the fd; on entry any half-written tail left by a dead monomail writer has
     been cut away, and the dot-lock records the file's length for the next one.
-    Raises `MailboxLocked` if the locks cannot be had within ``timeout`` seconds.
+    Raises `MailboxLocked` if the locks cannot be had within ``timeout`` seconds, and
+    with an ``owner``, `UnsafeMailbox` for a file that is not that owner's own mbox.
     """
     deadline = time.monotonic() + timeout
     thread_lock = _thread_lock(path)
@@ -114,7 +141,7 @@ def locked_mbox(path: Path, timeout: float) -> Iterator[int]:
         dotlock = dotlock_path(path)
         delay = 0.005
         while True:
-            fd = _open_mbox(path)
+            fd = _open_mbox(path) if owner is None else _open_owned(path, owner)
             try:
                 why = _try_lock(fd, dotlock)
             except BaseException:
@@ -172,6 +199,50 @@ def _open_mbox(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _open_owned(path: Path, owner: Owner) -> int:
+    """An account's mbox, opened for appending: see the module docstring."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    for _ in range(3):
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeMailbox(errno.ELOOP, "is a symbolic link, not written", str(path)) from None
+            raise
+        else:
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    why = "is not a regular file"
+                elif st.st_nlink != 1:
+                    why = f"has {st.st_nlink} links"
+                elif st.st_uid != owner.uid:
+                    why = f"is owned by uid {st.st_uid}, not by its account (uid {owner.uid})"
+                else:
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+            raise UnsafeMailbox(errno.EPERM, f"{why}, not written", str(path))
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue  # made meanwhile: open it as an existing one
+        try:
+            os.fchown(fd, owner.uid, owner.gid)
+            os.fchmod(fd, owner.mode)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
+            raise
+        return fd
+    raise UnsafeMailbox(errno.EAGAIN, "keeps changing, not written", str(path))
 
 
 def _fcntl_lock(fd: int) -> bool:
@@ -272,7 +343,7 @@ def _judge(fd: int, dotlock: Path) -> str:
     except FileNotFoundError:
         return "gone"
     age = time.time() - st.st_mtime
-    if content is not None and (m := _RECORD.fullmatch(content)):
+    if content is not None and (m := _RECORD.fullmatch(content)) and st.st_uid == os.geteuid():
         _recover(fd, dotlock, int(m.group(1)))
         return ""
     if content == b"":

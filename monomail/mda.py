@@ -162,7 +162,7 @@ async def _attempt(config: Config, env: Envelope, data: bytes) -> list[Outcome]:
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="monomail-mda")
     transport = Transport(config)
     try:
-        deliverer = Deliverer(config, executor, transport, FileTables(), _signer(config))
+        deliverer = Deliverer(config, executor, transport, FileTables(config.local), _signer(config))
         return await deliverer.attempt(env, data)
     finally:
         with contextlib.suppress(Exception):

@@ -1,7 +1,8 @@
 """Routing: which destinations one recipient address stands for, and why.
 
 Job: a pure function of an `Address` and the `Config` (plus a `Tables` lookup for the
-two things that live in files: list members files and users' ``.forward`` files). It
+things that live outside the config: list members files, users' ``.forward`` files and,
+with ``local.system_accounts``, the host's accounts). It
 builds the tree of expansions — list, virtual table entry, alias, forward rule, user —
 each node naming the config key it came from (`expand`, what ``monomail route``
 prints), and flattens it into the final destinations (`resolve`): a local `Mailbox`,
@@ -15,10 +16,14 @@ Lookup order for ``local@domain``:
    the part before a ``recipient_delimiter`` tag, then the catch-all ``"*"``;
    ``postmaster`` falls back to the local postmaster (RFC 5321 §4.5.1);
 3. in a local domain, as Postfix's local(8): the local part as an alias, then as a
-   user; then the same for the part before the tag. A user with a ``[forward]`` rule
-   (or, when ``local.allow_dot_forward`` is on, a ``.forward`` file) is forwarded;
-   ``keep_copy`` keeps a copy in the mailbox. ``postmaster`` with no alias or user of
-   that name goes to the first user;
+   user, then (``local.system_accounts``) as an account of the host (`Tables.account`:
+   a TOML user of the same name wins); then the same for the part before the tag. A
+   user with a ``[forward]`` rule (or, when ``local.allow_dot_forward`` is on, a
+   ``.forward`` file) is forwarded; ``keep_copy`` keeps a copy in the mailbox. An
+   account's ``~/.forward`` is always honoured (read safely by ``tables``); its mailbox
+   is the mbox ``<local.mail_spool>/<name>`` and the `Mailbox` carries the account, so
+   delivery knows whose rights to use. ``postmaster`` with no alias or user of that
+   name goes to the first user;
 4. any other domain: `Remote`.
 
 An alias target that names the alias itself and is also a user (``alice = ["alice",
@@ -47,7 +52,7 @@ from typing import Protocol
 
 from .envelope import Address
 from .errors import Reply, RouteError
-from .settings import Config, Discard, MailingList, Refusal, User
+from .settings import Account, Config, Discard, MailingList, Refusal, User
 
 MAX_DEPTH = 20
 
@@ -76,6 +81,7 @@ class Mailbox:
     format: str  # "maildir" | "mbox"
     address: str  # the address that led here, for Delivered-To
     via: Via = Via()
+    account: Account | None = None  # a system account's spool mbox: written with its ownership
 
     @property
     def key(self) -> str:
@@ -118,16 +124,21 @@ class Tables(Protocol):
 
     def list_members(self, lst: MailingList) -> tuple[str, ...]: ...
 
-    def dot_forward(self, user: User) -> tuple[tuple[str, ...], bool] | None: ...
+    def dot_forward(self, user: User | Account) -> tuple[tuple[str, ...], bool] | None: ...
+
+    def account(self, name: str) -> Account | None: ...
 
 
 class ConfigTables:
-    """Inline config only: no members files, no ``.forward`` files."""
+    """Inline config only: no members files, no ``.forward`` files, no system accounts."""
 
     def list_members(self, lst: MailingList) -> tuple[str, ...]:
         return lst.members
 
-    def dot_forward(self, user: User) -> tuple[tuple[str, ...], bool] | None:
+    def dot_forward(self, user: User | Account) -> tuple[tuple[str, ...], bool] | None:
+        return None
+
+    def account(self, name: str) -> Account | None:
         return None
 
 
@@ -191,6 +202,7 @@ class _Router:
         self.c = config
         self.t = tables
         self.sender = sender.lower() if sender is not None else None
+        self.accounts: dict[str, Account | None] = {}  # one passwd lookup per name per expansion
 
     def full(self, a: Address) -> str:
         return f"{a.local}@{a.domain or self.c.local.primary_domain}"
@@ -285,7 +297,7 @@ class _Router:
             if name in self.c.aliases:
                 key = f"aliases.{name}"
                 if key in chain:
-                    if name in self.c.users:
+                    if self.known(name):
                         return self.user(name, shown, via, chain, depth)
                     return Node(shown, f"alias {name}", key,
                                 error=RouteError(ALIAS_LOOP, f"alias loop: {' -> '.join((*chain, key))}"))
@@ -295,12 +307,12 @@ class _Router:
                 node = Node(shown, f"alias {name}", key)
                 for target in targets:
                     child_chain = (*chain, key)
-                    if target.lower() == name and name in self.c.users:  # alice = ["alice", ...]
+                    if target.lower() == name and self.known(name):  # alice = ["alice", ...]
                         node.children.append(self.mailbox(name, shown, via))
                         continue
                     node.children.append(self.target(target, via, child_chain, depth + 1))
                 return node
-            if name in self.c.users:
+            if self.known(name):
                 return self.user(name, shown, via, chain, depth)
         if local == "postmaster" and self.c.users:
             first = next(iter(self.c.users))
@@ -317,11 +329,27 @@ class _Router:
         reply = Reply(special.code, special.status, special.text)
         return Node(shown, f"{rule} ({kind})", key, error=RouteError(reply, f"{key} refuses {shown} ({kind})"))
 
+    def known(self, name: str) -> bool:
+        """A TOML user or (``local.system_accounts``) an account of the host."""
+        return name in self.c.users or self.account(name) is not None
+
+    def account(self, name: str) -> Account | None:
+        if name in self.c.users or not self.c.local.system_accounts:
+            return None  # a TOML user of the same name wins
+        if name not in self.accounts:
+            self.accounts[name] = self.t.account(name)
+        return self.accounts[name]
+
     def user(self, name: str, shown: str, via: Via, chain: tuple[str, ...], depth: int) -> Node:
         key = f"forward.{name}"
         rule = self.c.forward.get(name)
         to, keep = (rule.to, rule.keep_copy) if rule else ((), False)
-        if not rule and self.c.local.allow_dot_forward:
+        account = self.account(name)
+        if account is not None:  # (never a [forward] rule: those are for TOML users)
+            found = self.t.dot_forward(account) if account.home is not None else None
+            if found and account.home is not None:
+                (to, keep), key = found, f"{account.home / '.forward'} (local.system_accounts)"
+        elif not rule and self.c.local.allow_dot_forward:
             found = self.t.dot_forward(self.c.users[name])
             if found:
                 (to, keep), key = found, f"{self.c.users[name].path / '.forward'} (local.allow_dot_forward)"
@@ -336,6 +364,10 @@ class _Router:
         return node
 
     def mailbox(self, name: str, shown: str, via: Via) -> Node:
+        account = self.account(name)
+        if account is not None:
+            dest = Mailbox(account.name, account.mailbox, "mbox", shown, via, account)
+            return Node(shown, f"account {name} (uid {account.uid})", "local.system_accounts", dest=dest)
         user = self.c.users[name]
         dest = Mailbox(user.name, user.path, user.mailbox_format, shown, via)
         return Node(shown, f"user {name}", f"users.{name}", dest=dest)

@@ -182,7 +182,7 @@ def check_local(config: Config, tables: Tables, address: Address, sender: str) -
 
 def _known(config: Config, sender: str, recipients: Sequence[str], result: Result) -> list[str]:
     """The recipients the server would take at RCPT time; the others into ``result.refused``."""
-    tables = FileTables()
+    tables = FileTables(config.local)
     ok = []
     for r in recipients:
         try:

@@ -51,7 +51,7 @@ class StdioSMTP:
         self.opts = opts
         self.rfile = rfile
         self.wfile = wfile
-        self.tables = FileTables()
+        self.tables = FileTables(config.local)
         self.login, self.gecos = login()
         self.server = running_server(config)
         trusted = policy.trusted_user(os.getuid(), self.login, config, server_uid(config, self.server))
