@@ -194,16 +194,21 @@ def _alias_targets(key: str, targets: list[str], names: set[str] | None) -> Alia
     return _check_targets(key, targets, names) if names is not None else tuple(x.strip() for x in targets)
 
 
-def _aliases(t: Table, users: Mapping[str, User]) -> tuple[dict[str, AliasTargets], list[str]]:
+def _aliases(t: Table, users: Mapping[str, User], local: LocalConfig) -> tuple[dict[str, AliasTargets], list[str]]:
     aliases: dict[str, AliasTargets] = {}
     for raw in list(t.data):
         aliases[raw.lower()] = _alias_targets(t.key(raw), t.strings(raw, []), None)
-    names = set(users) | set(aliases)
+    names = _names(users, aliases, local)
     for name, goals in aliases.items():
         if isinstance(goals, tuple):
             _check_targets(t.key(name), goals, names)
     warnings = [f"aliases.{name}: alias loop" for name in _alias_loops(aliases, users)]
     return aliases, warnings
+
+
+def _names(users: Mapping[str, User], aliases: Mapping[str, AliasTargets], local: LocalConfig) -> set[str]:
+    names = set(users) | set(aliases)
+    return _OrAccounts(names) if local.system_accounts else names
 
 
 def _refusing(key: str, targets: AliasTargets, aliases: Mapping[str, AliasTargets]) -> list[str]:
@@ -237,6 +242,14 @@ def _alias_loops(aliases: Mapping[str, AliasTargets], users: Mapping[str, User])
                     seen.add(t)
                     stack.append(t)
     return looped
+
+
+class _OrAccounts(set[str]):
+    """The names a bare target may take with ``local.system_accounts``: users, aliases, and
+    any account name (the passwd database is asked when mail is routed: 550 5.1.1 if none)."""
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or (isinstance(name, str) and bool(_ACCOUNT_NAME.match(name)))
 
 
 def _check_targets(key: str, targets: Sequence[str], names: set[str]) -> tuple[str, ...]:
@@ -286,7 +299,7 @@ def _lists(t: Table, local: LocalConfig, virtual: Mapping[str, object], names: s
         local_part, at, domain = address.rpartition("@")
         if not at or not local_part or (domain not in local.domains and domain not in virtual):
             raise ConfigError(lt.key("address"), f"expected an address in one of our domains, got {address!r}")
-        if local_part in names and domain in local.domains:
+        if local_part in set(names) and domain in local.domains:  # declared names, not every account
             raise ConfigError(lt.key("address"), f"{address!r} is also a user or alias")
         members_file = lt.string("members_file", "")
         policy = lt.string("policy", "open", ("open", "members", "announce"))
@@ -454,8 +467,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         raise ConfigError("server.user", "not with local.system_accounts: delivering as each account needs "
                                          "root (leave server.user empty)")
     users = _users(top.table("users"), local, base)
-    aliases, warnings = _aliases(top.table("aliases"), users)
-    names = set(users) | set(aliases)
+    aliases, warnings = _aliases(top.table("aliases"), users, local)
+    names = _names(users, aliases, local)
     virtual = _virtual(top.table("virtual"), local, names)
     for name, targets in aliases.items():
         warnings += _refusing(f"aliases.{name}", targets, aliases)
@@ -478,12 +491,14 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         if name not in users:
             raise ConfigError(ft.key("allow_pipes"), f"no such user: {name!r}")
     ft.finish()
-    if local.system_accounts and "root" not in names:
+    declared = set(users) | set(aliases)
+    if local.system_accounts and "root" not in declared:
         warnings.append(f"aliases.root: not defined; mail to root goes to {local.mail_spool / 'root'}, "
                         "which nobody reads: alias root to a person")
-    if "postmaster" not in names:
-        warnings.append("aliases.postmaster: not defined; postmaster@ goes to the first user"
-                        if users else "users: none defined; postmaster@ cannot be delivered")
+    if "postmaster" not in declared:
+        warnings.append("aliases.postmaster: not defined; postmaster@ goes to the first user" if users else
+                        "aliases.postmaster: not defined; postmaster@ goes to root" if local.system_accounts else
+                        "users: none defined; postmaster@ cannot be delivered")
     queue = _queue(top.table("queue"))
     dns = _dns(top.table("dns"))
     remote = _remote(top.table("remote"))

@@ -319,6 +319,10 @@ class _Router:
             node = Node(shown, "postmaster (no alias: first user)", "(RFC 5321 4.5.1)")
             node.children.append(self.user(first, f"{first}@{self.c.local.primary_domain}", via, chain, depth + 1))
             return node
+        if local == "postmaster" and self.known("root"):  # system accounts, as /etc/aliases has it
+            node = Node(shown, "postmaster (no alias: root)", "(RFC 5321 4.5.1)")
+            node.children.append(self.local("root", f"root@{self.c.local.primary_domain}", via, chain, depth + 1))
+            return node
         return Node(shown, "unknown", error=RouteError(UNKNOWN_USER, f"unknown local user {shown}"))
 
     def special(self, special: Refusal | Discard, shown: str, rule: str, key: str) -> Node:

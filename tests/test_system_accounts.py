@@ -283,3 +283,23 @@ def test_a_planted_monomail_dot_lock_of_another_uid_never_cuts_a_mailbox(serve, 
     assert subjects(path) == ["kept"]
     planted.unlink()  # gone: the retry delivers
     assert wait_for_subjects(path, 2) == ["kept", "new"]
+
+
+def test_aliases_name_accounts_and_postmaster_falls_back_to_root(serve: Any, spool: Path, unix_account: Any):
+    """``root = ["<account>"]`` is a valid alias target with system accounts (Debian's
+    /etc/aliases habit), and with no postmaster alias and no TOML user, postmaster@ is root's."""
+    person = unix_account()
+    server = accounts_server(serve, spool, aliases={"root": [person.pw_name]})
+    send(server, "root@example.test", "to root")
+    assert wait_for_subjects(spool / person.pw_name, 1) == ["to root"]
+    assert rcpt_reply(server, "mmtnobody-here@example.test")[0] == 550
+    path = spool.parent / "bare.toml"  # no TOML users, no postmaster alias
+    path.write_text(f'[local]\ndomains = ["example.test"]\nsystem_accounts = true\nmail_spool = "{spool}"\n'
+                    f'[aliases]\nroot = ["{person.pw_name}"]\ntypo = ["no-such-name-x"]\n')
+    out = cli("check-config", "-c", str(path))  # an account name is looked up when mail is routed
+    assert out.returncode == 0, out.stderr
+    assert "aliases.postmaster: not defined; postmaster@ goes to root" in out.stderr
+    out = cli("route", "-c", str(path), "postmaster@example.test")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "postmaster (no alias: root)" in out.stdout and f"account {person.pw_name}" in out.stdout
+    assert str(spool / person.pw_name) in out.stdout
