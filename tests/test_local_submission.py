@@ -58,7 +58,7 @@ class Site:
     def start(self) -> ProcessServer:
         server = ProcessServer(self.config, self.port).start()
         self.servers.append(server)
-        wait_until(lambda: (self.spool / "public" / "submit").exists())
+        wait_until(lambda: (self.spool / "public" / "monomail.pid").exists())  # written after the sockets
         return server
 
     def stop(self, server: ProcessServer) -> None:
