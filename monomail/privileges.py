@@ -95,9 +95,9 @@ def plan(config: Config, euid: int | None = None) -> Drop | None:
     return Drop(entry.pw_name, entry.pw_uid, entry.pw_gid, groups)
 
 
-def _own(path: Path, drop: Drop, key: str) -> None:
-    """``path`` exists (made for ``drop`` if not) and belongs to it, or `ConfigError`."""
-    make_dirs(path, 0o700, owner=(drop.uid, drop.gid))
+def _own(path: Path, drop: Drop, key: str, mode: int = 0o700) -> None:
+    """``path`` exists (made for ``drop`` with ``mode`` if not) and belongs to it, or `ConfigError`."""
+    make_dirs(path, mode, owner=(drop.uid, drop.gid))
     st = path.stat()
     if st.st_uid != drop.uid:
         raise ConfigError(key, f"{path} is owned by uid {st.st_uid}, not by {drop.name} (server.user): "
@@ -109,7 +109,7 @@ def prepare(config: Config, drop: Drop) -> None:
     account's, so it can carry on without root. Folders are made for it; ones that belong
     to somebody else (a run as root before) are a `ConfigError` with the ``chown`` to run:
     monomail never changes the owner of what it did not create."""
-    _own(config.server.spool_dir, drop, "server.spool_dir")
+    _own(config.server.spool_dir, drop, "server.spool_dir", 0o711)  # users reach <spool>/public
     for entry in os.scandir(config.server.spool_dir):
         st = entry.stat(follow_symlinks=False)
         if st.st_uid != drop.uid:
