@@ -6,11 +6,10 @@ delivering to it needs as one frozen ``settings.Account``: uid, gid, supplementa
 shell, and the mbox ``<local.mail_spool>/<name>``. An account counts when its uid is at
 or above ``local.min_uid``, or it is root (uid 0), whose mail should be aliased.
 
-`read_user_file` is the one way monomail reads a file a user controls (``~/.forward``,
-``~/.procmailrc``), whoever reads it: opened without following a symbolic link, without
-blocking on a FIFO, and used only when it is a regular file with one link, owned by the
-user or root, not writable by group or others, and at most `MAX_USER_FILE` bytes, as
-procmail and Exim demand. Anything else is `UnsafeFile`, whose text says why (for the log).
+`read_user_file` reads a user's ``~/.forward`` or ``~/.procmailrc``, whoever reads it,
+with ``safeio.read_untrusted`` (no symbolic link, no FIFO, a regular file with one link,
+at most `MAX_USER_FILE` bytes) and the rules procmail and Exim add: owned by the user or
+root, not writable by group or others. Anything else is `UnsafeFile`, whose text says why (for the log).
 
 `mail_group` is the ``mail`` group's id (Debian: the spool is root:mail 2775 and mboxes
 are user:mail 0660), or None where there is none (mboxes are then 0600).
@@ -27,13 +26,10 @@ import pwd
 import stat
 from pathlib import Path
 
+from .safeio import UnsafeFile, read_untrusted
 from .settings import Account, LocalConfig
 
 MAX_USER_FILE = 256 * 1024  # bytes: a .forward or .procmailrc larger than this is refused
-
-
-class UnsafeFile(Exception):
-    """A user's file that is not used: why, in a sentence for the log."""
 
 
 def _valid_name(name: str) -> bool:
@@ -80,30 +76,17 @@ def read_user_file(path: Path, owner: int) -> str | None:
     """The text of a file ``owner`` controls, or None when it does not exist; raises
     `UnsafeFile` when it exists but must not be used (the reason in its text), OSError
     when it cannot be read."""
+
+    def owned(st: os.stat_result) -> None:
+        if st.st_uid not in (owner, 0):
+            raise UnsafeFile(f"owned by uid {st.st_uid}, not by its user or root")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeFile(f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        _, data = read_untrusted(path, MAX_USER_FILE, owned)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        if os.path.islink(path):
-            raise UnsafeFile(f"{path} is a symbolic link, not used") from exc
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFile(f"{path} is not a regular file, not used")
-        if st.st_nlink != 1:
-            raise UnsafeFile(f"{path} has {st.st_nlink} hard links, not used")
-        if st.st_uid not in (owner, 0):
-            raise UnsafeFile(f"{path} is owned by uid {st.st_uid}, not by its user or root, not used")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise UnsafeFile(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}), "
-                             "not used")
-        if st.st_size > MAX_USER_FILE:
-            raise UnsafeFile(f"{path} is larger than {MAX_USER_FILE} bytes, not used")
-        data = os.read(fd, MAX_USER_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_USER_FILE:
-        raise UnsafeFile(f"{path} is larger than {MAX_USER_FILE} bytes, not used")
+    except UnsafeFile as exc:
+        raise UnsafeFile(f"{path}: {exc}, not used") from None
     return data.decode("utf-8", "surrogateescape")

@@ -37,14 +37,13 @@ import contextlib
 import json
 import os
 import secrets
-import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .envelope import parse_path
-from .safeio import fsync_dir, write_all
+from .safeio import UnsafeFile, fsync_dir, read_untrusted, write_all
 
 VERSION = 1
 DROP_MODE = 0o444  # finished: the server reads it, whatever user it runs as
@@ -135,29 +134,10 @@ def read_one(path: Path, limit: int) -> Dropped:
     """One drop file, checked (see the module's docstring); `DropError` with the reason.
     OSError (other than a refused link) when it cannot be read now."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise DropError("a symbolic link") from exc
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DropError("not a regular file")
-        if st.st_nlink != 1:
-            raise DropError(f"{st.st_nlink} hard links")
-        if st.st_size > limit:
-            raise DropError(f"larger than {limit} bytes")
-        chunks = []
-        size = 0
-        while chunk := os.read(fd, 1 << 20):
-            size += len(chunk)
-            if size > limit:
-                raise DropError(f"larger than {limit} bytes")
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    sender, recipients, data = parse(b"".join(chunks))
+        st, raw = read_untrusted(path, limit)
+    except UnsafeFile as exc:
+        raise DropError(str(exc)) from None
+    sender, recipients, data = parse(raw)
     return Dropped(path, st.st_uid, sender, recipients, data, st.st_mtime)
 
 

@@ -7,6 +7,11 @@ itself survives a crash. The mode is set explicitly (``fchmod``), never left to 
 umask. `fsync_dir` is the folder half on its own, for callers that rename themselves
 (Maildir delivery).
 
+And the reading side of the same care: `read_untrusted`, the one way to read a file
+somebody else controls (``~/.forward`` and ``~/.procmailrc`` through ``accounts``, drop
+files through ``maildrop``) without following a link, blocking on a FIFO or reading
+without end; `UnsafeFile` says why one is not used.
+
 Blocking: callers run it off the event loop. Errors are ``OSError``, raised after the
 temporary file is removed.
 """
@@ -16,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 TMP_PREFIX = ".tmp."  # readers of a folder skip names that start with this
@@ -96,3 +102,42 @@ def make_dirs(path: Path, mode: int = 0o700, owner: tuple[int, int] | None = Non
         os.chmod(folder, mode)  # mkdir's mode was masked by the umask
         if owner is not None:
             os.chown(folder, *owner, follow_symlinks=False)
+
+
+class UnsafeFile(Exception):
+    """A file somebody else controls that must not be used: why, for the log."""
+
+
+def read_untrusted(path: Path, limit: int,
+                   check: Callable[[os.stat_result], None] | None = None) -> tuple[os.stat_result, bytes]:
+    """The bytes of a file a user controls (``~/.forward``, a drop file): opened without
+    following a symbolic link or blocking on a FIFO, used only when it is a regular file
+    with one link (a hard link would lend it another owner) of at most ``limit`` bytes,
+    and what ``check`` (the caller's rules on the `os.stat_result`) accepts; its status
+    and bytes. Raises
+    `UnsafeFile` with the reason, OSError (FileNotFoundError included) when it cannot be
+    read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise UnsafeFile("a symbolic link") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile("not a regular file")
+        if st.st_nlink != 1:
+            raise UnsafeFile(f"{st.st_nlink} hard links")
+        if check is not None:
+            check(st)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit and (chunk := os.read(fd, 1 << 20)):
+            size += len(chunk)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise UnsafeFile(f"larger than {limit} bytes")
+    return st, b"".join(chunks)
