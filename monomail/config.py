@@ -41,32 +41,30 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from . import configkeys as keys
-from .addrlist import parse_special
+from . import configtables as tables
 from .configkeys import Table, parse_duration
 from .errors import ConfigError
 from .settings import (
     MAILBOX_FORMATS,
-    AliasTargets,
     AuthConfig,
     ChecksConfig,
     Config,
-    Discard,
     DKIMDomain,
     DNSConfig,
     FiltersConfig,
-    Forward,
+    LMTPConfig,
     LocalConfig,
     LogConfig,
     MailingList,
     Masquerade,
+    MetricsConfig,
     QueueConfig,
-    Refusal,
     RemoteConfig,
     ServerConfig,
     SubmissionConfig,
@@ -78,16 +76,11 @@ from .settings import (
 _USER_NAME = re.compile(r"[a-z0-9_][a-z0-9._\-]*\Z")
 
 
-# A Unix account name as useradd(8) accepts it (NAME_REGEX, with upper case and a
-# trailing $ for Samba machine accounts); never a path or an option.
-_ACCOUNT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,31}\$?\Z")
-
-
 def _account_name(t: Table, name: str, value: str | None = None) -> str:
     """``server.user`` or one ``local.trusted_users`` entry: a Unix account name (its
     existence is checked when it is used: at start-up, or by each submission)."""
     value = t.string(name, "") if value is None else value
-    if value and not _ACCOUNT_NAME.match(value):
+    if value and not keys.is_account_name(value):
         raise ConfigError(t.key(name), f"expected a Unix account name, got {value!r}")
     return value
 
@@ -158,8 +151,10 @@ def _users(t: Table, local: LocalConfig, base: Path) -> dict[str, User]:
         home = u.optional_path("home", base) or (path if fmt == "maildir" else path.with_name(f".{name}"))
         recipes = u.optional_path("recipes", base) or home / ".procmailrc"
         senders = tuple(_sender(v, u.key("senders")) for v in u.strings("senders", []))
+        lmtp = u.string("lmtp", "")
         u.finish()
-        users[name] = User(name, fmt, path, home, recipes, senders)
+        users[name] = User(name, fmt, path, home, recipes, senders,
+                           keys.lmtp_target(lmtp, u.key("lmtp"), base) if lmtp else None)
     return users
 
 
@@ -169,158 +164,6 @@ def _sender(value: str, key: str) -> str:
     if not at or (local and not re.fullmatch(r"[^\s@<>(),;:\\\"]+", local)):
         raise ConfigError(key, f"expected \"user@domain\" or \"@domain\", got {value!r}")
     return f"{local}@{keys.domain(domain, key)}"
-
-
-def _alias_targets(key: str, targets: list[str], names: set[str] | None) -> AliasTargets:
-    """One alias's (or virtual entry's) targets; ``names`` None: checked later, by `_aliases`."""
-    if not targets:
-        raise ConfigError(key, "expected at least one target")
-    specials: list[tuple[str, Refusal | Discard]] = []
-    for target in targets:
-        try:
-            special = parse_special(target, strict=True)
-        except ValueError as exc:
-            raise ConfigError(key, f"{target!r}: {exc}") from None
-        if special is not None:
-            specials.append((target, special))
-        elif target.strip().startswith(":"):
-            raise ConfigError(key, f'{target!r} is not a special target (":fail: text", ":defer: text" '
-                                   'or ":blackhole:")')
-    if specials:
-        if len(targets) > 1:
-            raise ConfigError(key, f"{specials[0][0]!r} must be the only target: a :fail:, :defer: or "
-                                   ":blackhole: answers for the whole address")
-        return specials[0][1]
-    return _check_targets(key, targets, names) if names is not None else tuple(x.strip() for x in targets)
-
-
-def _aliases(t: Table, users: Mapping[str, User], local: LocalConfig) -> tuple[dict[str, AliasTargets], list[str]]:
-    aliases: dict[str, AliasTargets] = {}
-    for raw in list(t.data):
-        aliases[raw.lower()] = _alias_targets(t.key(raw), t.strings(raw, []), None)
-    names = _names(users, aliases, local)
-    for name, goals in aliases.items():
-        if isinstance(goals, tuple):
-            _check_targets(t.key(name), goals, names)
-    warnings = [f"aliases.{name}: alias loop" for name in _alias_loops(aliases, users)]
-    return aliases, warnings
-
-
-def _names(users: Mapping[str, User], aliases: Mapping[str, AliasTargets], local: LocalConfig) -> set[str]:
-    names = set(users) | set(aliases)
-    return _OrAccounts(names) if local.system_accounts else names
-
-
-def _refusing(key: str, targets: AliasTargets, aliases: Mapping[str, AliasTargets]) -> list[str]:
-    """Warnings for the refusing aliases among ``targets``: they refuse the whole address."""
-    out = []
-    for target in targets if isinstance(targets, tuple) else ():
-        goal = aliases.get(target.lower())
-        if isinstance(goal, Refusal):
-            out.append(f"{key}: target {target!r} refuses its mail ({goal.code} {goal.status}), so this "
-                       f"address is refused as a whole; remove {target!r} to deliver to the others")
-    return out
-
-
-def _alias_loops(aliases: Mapping[str, AliasTargets], users: Mapping[str, User]) -> list[str]:
-    """Names whose expansion comes back to itself without reaching a user of that name."""
-    looped = []
-    for start in aliases:
-        stack, seen = [start], set()
-        while stack:
-            name = stack.pop()
-            goals = aliases.get(name, ())
-            for target in goals if isinstance(goals, tuple) else ():
-                t = target.lower()
-                if "@" in t:
-                    continue
-                if t == start and t not in users:
-                    looped.append(start)
-                    stack.clear()
-                    break
-                if t in aliases and t not in seen and t != name:
-                    seen.add(t)
-                    stack.append(t)
-    return looped
-
-
-class _OrAccounts(set[str]):
-    """The names a bare target may take with ``local.system_accounts``: users, aliases, and
-    any account name (the passwd database is asked when mail is routed: 550 5.1.1 if none)."""
-
-    def __contains__(self, name: object) -> bool:
-        return super().__contains__(name) or (isinstance(name, str) and bool(_ACCOUNT_NAME.match(name)))
-
-
-def _check_targets(key: str, targets: Sequence[str], names: set[str]) -> tuple[str, ...]:
-    for target in targets:
-        if "@" not in target and target.lower() not in names:
-            raise ConfigError(key, f"target {target!r} is neither a user nor an alias")
-    return tuple(x.strip() for x in targets)
-
-
-def _virtual(t: Table, local: LocalConfig, names: set[str]) -> dict[str, dict[str, AliasTargets]]:
-    out: dict[str, dict[str, AliasTargets]] = {}
-    for raw in list(t.data):
-        domain = keys.domain(raw, t.key(raw))
-        if domain in local.domains:
-            raise ConfigError(t.key(raw), "a virtual domain must not also be in local.domains")
-        table = t.table(raw)
-        out[domain] = {key.lower(): _alias_targets(table.key(key), table.strings(key, []), names)
-                       for key in list(table.data)}
-    return out
-
-
-def _forward(t: Table, users: Mapping[str, User], names: set[str]) -> dict[str, Forward]:
-    out: dict[str, Forward] = {}
-    for raw in list(t.data):
-        name = raw.lower()
-        if name not in users:
-            raise ConfigError(t.key(raw), "forwarding is set for users only; no such user")
-        value = t.get(raw, None)
-        if isinstance(value, list | str):
-            value = {"to": value}
-        f = Table(value, t.key(raw))
-        to = f.strings("to", [])
-        if not to:
-            raise ConfigError(f.key("to"), "expected at least one address")
-        out[name] = Forward(name, _check_targets(f.key("to"), to, names), f.boolean("keep_copy", False))
-        f.finish()
-    return out
-
-
-def _lists(t: Table, local: LocalConfig, virtual: Mapping[str, object], names: set[str],
-           base: Path) -> dict[str, MailingList]:
-    out: dict[str, MailingList] = {}
-    for raw in list(t.data):
-        name = raw.lower()
-        lt = t.table(raw)
-        address = lt.string("address", f"{name}@{local.primary_domain}").strip().lower()
-        local_part, at, domain = address.rpartition("@")
-        if not at or not local_part or (domain not in local.domains and domain not in virtual):
-            raise ConfigError(lt.key("address"), f"expected an address in one of our domains, got {address!r}")
-        if local_part in set(names) and domain in local.domains:  # declared names, not every account
-            raise ConfigError(lt.key("address"), f"{address!r} is also a user or alias")
-        members_file = lt.string("members_file", "")
-        policy = lt.string("policy", "open", ("open", "members", "announce"))
-        posters = lt.strings("posters", [])
-        if policy == "announce" and not posters:
-            raise ConfigError(lt.key("posters"), "an announce list needs at least one poster")
-        bounce = lt.string("bounce_address", f"{local_part}-bounces@{domain}").strip().lower()
-        out[name] = MailingList(
-            name=name,
-            address=address,
-            members=_check_targets(lt.key("members"), lt.strings("members", []), names),
-            members_file=(base / members_file).resolve() if members_file else None,
-            policy=policy,
-            posters=tuple(p.strip().lower() for p in posters),
-            owner=_check_targets(lt.key("owner"), lt.strings("owner", ["postmaster"]) or ["postmaster"],
-                                 names | {"postmaster"}),
-            bounce_address=bounce,
-            list_id=lt.string("list_id", f"{local_part}.{domain}"),
-        )
-        lt.finish()
-    return out
 
 
 def _masquerade(t: Table) -> Masquerade:
@@ -450,8 +293,35 @@ def _checks(t: Table) -> ChecksConfig:
 def _log(t: Table, base: Path) -> LogConfig:
     level = t.string("level", "info", ("debug", "info", "warning", "error"))
     file = t.string("file", "")
+    cfg = LogConfig(level, (base / file).resolve() if file else None, syslog=t.boolean("syslog", False),
+                    syslog_socket=t.path_("syslog_socket", "/dev/log", base),
+                    format=t.string("format", "text", ("text", "json")))
     t.finish()
-    return LogConfig(level, (base / file).resolve() if file else None)
+    return cfg
+
+
+def _lmtp(t: Table, local: LocalConfig, virtual: Mapping[str, object], base: Path) -> LMTPConfig:
+    """``[lmtp]``: ``target`` for all local mail, ``domains`` per local or virtual domain
+    (a table of its own, not a key in ``[virtual."domain"]``, where it would shadow the
+    address ``lmtp@domain``)."""
+    target = t.string("target", "")
+    dt = t.table("domains")
+    domains = {}
+    for raw in list(dt.data):
+        domain = keys.domain(raw, dt.key(raw))
+        if domain not in local.domains and domain not in virtual:
+            raise ConfigError(dt.key(raw), "not one of local.domains or a virtual domain")
+        domains[domain] = keys.lmtp_target(dt.string(raw, ""), dt.key(raw), base)
+    dt.finish()
+    t.finish()
+    return LMTPConfig(keys.lmtp_target(target, t.key("target"), base) if target else None,
+                      MappingProxyType(domains))
+
+
+def _metrics(t: Table) -> MetricsConfig:
+    listen = t.string("listen", "")
+    t.finish()
+    return MetricsConfig(keys.listen(listen, t.key("listen")) if listen else None)
 
 
 def parse(data: dict[str, Any], path: Path) -> Config:
@@ -467,16 +337,16 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         raise ConfigError("server.user", "not with local.system_accounts: delivering as each account needs "
                                          "root (leave server.user empty)")
     users = _users(top.table("users"), local, base)
-    aliases, warnings = _aliases(top.table("aliases"), users, local)
-    names = _names(users, aliases, local)
-    virtual = _virtual(top.table("virtual"), local, names)
+    aliases, warnings = tables.aliases(top.table("aliases"), users, local)
+    names = tables.target_names(users, aliases, local)
+    virtual = tables.virtual(top.table("virtual"), local, names)
     for name, targets in aliases.items():
-        warnings += _refusing(f"aliases.{name}", targets, aliases)
+        warnings += tables.refusing(f"aliases.{name}", targets, aliases)
     for domain, entries in virtual.items():
         for key, targets in entries.items():
-            warnings += _refusing(f'virtual."{domain}".{key}', targets, aliases)
-    forward = _forward(top.table("forward"), users, names)
-    lists = _lists(top.table("lists"), local, virtual, names, base)
+            warnings += tables.refusing(f'virtual."{domain}".{key}', targets, aliases)
+    forward = tables.forwards(top.table("forward"), users, names)
+    lists = tables.lists(top.table("lists"), local, virtual, names, base)
     list_addresses: dict[str, tuple[MailingList, str]] = {}
     for lst in lists.values():
         local_part, _, domain = lst.address.rpartition("@")
@@ -508,6 +378,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     auth = _auth(top.table("auth"), base)
     dkim = _dkim(top.table("dkim"), base)
     checks = _checks(top.table("checks"))
+    lmtp = _lmtp(top.table("lmtp"), local, virtual, base)
+    metrics = _metrics(top.table("metrics"))
     top.finish()
     return Config(
         path=path,
@@ -531,6 +403,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         auth=auth,
         dkim=MappingProxyType(dkim),
         checks=checks,
+        lmtp=lmtp,
+        metrics=metrics,
         warnings=tuple(warnings),
     )
 

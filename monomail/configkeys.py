@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .settings import Listen
+from .settings import Listen, LMTPTarget
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\Z")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -114,6 +114,31 @@ def listen(value: str, key: str) -> Listen:
     if not 0 <= port < 65536:  # 0: any free port (tests)
         raise ConfigError(key, f"port out of range in {value!r}")
     return Listen(host, port)
+
+
+def lmtp_target(value: str, key: str, base: Path) -> LMTPTarget:
+    """``"unix:/run/dovecot/lmtp"`` (relative paths from the config's folder) or ``"host:port"``."""
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if not path:
+            raise ConfigError(key, f"expected \"unix:/path/to/socket\", got {value!r}")
+        return LMTPTarget((base / path).resolve())
+    try:
+        where = listen(value, key)
+    except ConfigError:
+        raise ConfigError(key, f"expected \"unix:/path/to/socket\" or \"host:port\", got {value!r}") from None
+    if where.port == 0:
+        raise ConfigError(key, f"port 0 in {value!r}")
+    return LMTPTarget(None, where.host, where.port)
+
+
+# A Unix account name as useradd(8) accepts it (NAME_REGEX, with upper case and a
+# trailing $ for Samba machine accounts); never a path or an option.
+_ACCOUNT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,31}\$?\Z")
+
+
+def is_account_name(name: str) -> bool:
+    return bool(_ACCOUNT_NAME.match(name))
 
 
 def network(value: str, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -60,6 +60,18 @@ class LocalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LMTPTarget:
+    """Where LMTP delivery goes (RFC 2033): a UNIX socket, or host and port."""
+
+    path: Path | None  # "unix:/run/dovecot/lmtp"
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.path is not None else str(Listen(self.host, self.port))
+
+
+@dataclass(frozen=True, slots=True)
 class User:
     name: str
     mailbox_format: str
@@ -67,6 +79,7 @@ class User:
     home: Path  # $HOME for recipes: the Maildir folder, or <mail_dir>/.<user> for mbox users
     recipes: Path  # the user's procmail-style recipe file (default <home>/.procmailrc)
     senders: tuple[str, ...] = ()  # more addresses the user may send as ("@shop.test": the domain)
+    lmtp: LMTPTarget | None = None  # deliver this user's mail by LMTP instead of into `path`
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +244,24 @@ class ChecksConfig:
 class LogConfig:
     level: str
     file: Path | None
+    syslog: bool = False  # also to the local syslog, facility mail
+    syslog_socket: Path = Path("/dev/log")
+    format: str = "text"  # "text" | "json"
+
+
+@dataclass(frozen=True, slots=True)
+class LMTPConfig:
+    """``[lmtp]``: local mail delivered by LMTP (Dovecot's lmtp service) instead of files."""
+
+    target: LMTPTarget | None = None  # all local mail
+    domains: Mapping[str, LMTPTarget] = field(default_factory=dict)  # per local or virtual domain
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus endpoint."""
+
+    listen: Listen | None = None  # None: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,4 +287,6 @@ class Config:
     auth: AuthConfig = AuthConfig(Path("passwords"), None, 5)
     dkim: Mapping[str, DKIMDomain] = field(default_factory=dict)
     checks: ChecksConfig = ChecksConfig()
+    lmtp: LMTPConfig = LMTPConfig()
+    metrics: MetricsConfig = MetricsConfig()
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -51,6 +51,15 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path):
         ('[server]\ntimeout = true\n', "server.timeout", "duration"),
         ('[server]\nmax_connections = 0\n', "server.max_connections", ">= 1"),
         ('server = 5\n', "server", "expected a table"),
+        ('[server]\nuser = "-rf"\n', "server.user", "Unix account name"),
+        ('[local]\ntrusted_users = ["a/b"]\n', "local.trusted_users", "Unix account name"),
+        ('[local]\nmin_uid = 0\n', "local.min_uid", ">= 1"),
+        ('[lmtp]\ntarget = "dovecot"\n', "lmtp.target", "unix:/path/to/socket"),
+        ('[lmtp.domains]\n"other.test" = "unix:/run/lmtp"\n', "lmtp.domains.other.test", "not one of"),
+        ('[users.alice]\nlmtp = "unix:"\n', "users.alice.lmtp", "unix:/path/to/socket"),
+        ('[metrics]\nlisten = "9155"\n', "metrics.listen", "host:port"),
+        ('[log]\nformat = "xml"\n', "log.format", "expected one of"),
+        ('[log]\nsyslog = "yes"\n', "log.syslog", "true or false"),
     ],
 )
 def test_check_config_names_the_key(tmp_path: Path, toml: str, key: str, expected: str):
@@ -113,3 +122,22 @@ def test_special_alias_targets(tmp_path: Path):
                             "is refused as a whole; remove 'olduser' to deliver to the others",)
     out = cli("check-config", "-c", str(path))
     assert out.returncode == 0 and "warning: aliases.team: target 'olduser' refuses its mail" in out.stderr
+
+
+def test_system_accounts_let_targets_name_accounts_but_lists_keep_their_own_names(tmp_path: Path):
+    """With local.system_accounts a bare target may be any account name (looked up when
+    mail is routed), in aliases, forwards, list members and list owners alike; a list
+    address still may not be a declared user or alias."""
+    path = tmp_path / "monomail.toml"
+    path.write_text('[local]\ndomains = ["example.test"]\nsystem_accounts = true\n'
+                    '[users.alice]\n[aliases]\nroot = ["ann"]\n[forward]\nalice = { to = ["bob"] }\n'
+                    '[lists.dev]\nmembers = ["carl", "alice"]\nowner = ["dana"]\n')
+    cfg = load(path)
+    assert cfg.aliases["root"] == ("ann",) and cfg.lists["dev"].owner == ("dana",)
+    path.write_text('[local]\ndomains = ["example.test"]\nsystem_accounts = true\n'
+                    '[users.alice]\n[lists.alice]\nmembers = ["carl"]\n')
+    out = cli("check-config", "-c", str(path))
+    assert out.returncode == 2 and "lists.alice.address: 'alice@example.test' is also a user or alias" in out.stderr
+    path.write_text('[local]\ndomains = ["example.test"]\n[aliases]\nroot = ["ann"]\n')
+    out = cli("check-config", "-c", str(path))  # without system accounts, still a typo caught
+    assert out.returncode == 2 and "aliases.root: target 'ann' is neither a user nor an alias" in out.stderr
