@@ -16,6 +16,11 @@ the umask: folders it creates 0700, the log file 0600; the
 spool 0711 with its public corner (``localsubmit``: the state file 0644, sockets 0666,
 the drop folder 1733).
 
+Metrics (``metrics``): every App has its own counters; with ``metrics.listen`` set they
+are served over HTTP (bound with the other ports) and fed by the mail log's observers
+while it runs. The queue runner's heartbeat (``heartbeat``, ``public/heartbeat``) is made
+at start; ``monomail status`` reads it.
+
 Not here: SMTP (``server``), retry logic (``queue``), argument parsing (``cli``).
 """
 

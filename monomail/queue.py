@@ -37,7 +37,8 @@ commands (hold, delete) made while a delivery runs are kept. A record that canno
 read now (EMFILE, EIO) is retried later, never dropped from the schedule; a damaged one
 is moved aside (``spool/corrupt/``) and logged once with its id, and start-up goes on.
 The runner is supervised: if its loop raises, that is logged and it restarts after a
-short backoff, so retries never stop silently.
+short backoff, so retries never stop silently. It wakes at least every `HEARTBEAT`
+seconds and calls `Queue.beat` (the app's heartbeat file, for ``monomail status``).
 """
 
 from __future__ import annotations
