@@ -68,7 +68,7 @@ def transport_of(o: Outcome) -> str:
     for prefix, name in _PREFIXES:
         if detail.startswith(prefix + " ") or detail.startswith(prefix + ":"):
             return name
-    return "none"
+    return "lmtp" if "lmtp" in detail.lower() else "none"  # ("the LMTP store": a socket's path is not said)
 
 
 def reply_codes(data: bytes | str) -> list[bytes]:

@@ -161,6 +161,7 @@ def test_transport_from_the_outcome_detail():
     assert transport_of(o("mbox /var/mail/bob via recipes x")) == "mbox"
     assert transport_of(o("remote remote.test: 550 5.1.1 no")) == "smtp"
     assert transport_of(o("lmtp unix:/run/dovecot/lmtp: 250")) == "lmtp"
+    assert transport_of(o("the LMTP store: 452 4.2.2 quota")) == "lmtp"
     assert transport_of(o("no such user")) == "none"
 
 
