@@ -23,5 +23,6 @@ WORKDIR /var/spool/monomail
 VOLUME ["/var/spool/monomail", "/var/mail"]
 EXPOSE 25 587 465
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=30s --timeout=5s CMD ["monomail", "check-config", "-c", "/etc/monomail/monomail.toml"]
+# Healthy only while the server answers its SMTP banner and its queue runner lives.
+HEALTHCHECK --interval=30s --timeout=5s CMD ["monomail", "status", "-c", "/etc/monomail/monomail.toml"]
 CMD ["monomail", "serve", "-c", "/etc/monomail/monomail.toml"]

@@ -16,6 +16,11 @@ the umask: folders it creates 0700, the log file 0600; the
 spool 0711 with its public corner (``localsubmit``: the state file 0644, sockets 0666,
 the drop folder 1733).
 
+Metrics (``metrics``): every App has its own counters; with ``metrics.listen`` set they
+are served over HTTP (bound with the other ports) and fed by the mail log's observers
+while it runs. The queue runner's heartbeat (``heartbeat``, ``public/heartbeat``) is made
+at start; ``monomail status`` reads it.
+
 Not here: SMTP (``server``), retry logic (``queue``), argument parsing (``cli``).
 """
 
@@ -31,13 +36,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import mailstore, privileges
+from . import maillog, mailstore, privileges
 from .control import pid_file
 from .deliver import Deliverer
 from .dkimsig import load_signer
 from .errors import ConfigError, SpoolBusy
+from .heartbeat import Heartbeat, heartbeat_file
 from .localsubmit import LocalSubmission
 from .mboxrewrite import finish_interrupted_rewrite
+from .metrics import Metrics, MetricsListener
 from .queue import Queue
 from .remote import Transport
 from .safeio import make_dirs
@@ -81,11 +88,18 @@ class App:
         self.tables = FileTables(config.local)
         signer = load_signer(config)  # ConfigError: a DKIM key that cannot be read stops start-up
         self.deliverer = Deliverer(config, self.executor, self.transport, self.tables, signer)
-        self.queue = Queue(self.spool, self.deliverer.attempt, config.queue, hostname=config.hostname,
-                           cut_through=config.remote.cut_through, clock=clock)
+        self.metrics = Metrics()  # issue 12: this server's counters, served on metrics.listen
+        self.queue = Queue(self.spool, self.metrics.timed(self.deliverer.attempt), config.queue,
+                           hostname=config.hostname, cut_through=config.remote.cut_through, clock=clock)
         certificates = Certificates(config.tls) if config.tls.enabled else None  # ConfigError: unusable
         self.server = SMTPServer(config, self.queue, self.tables, certificates=certificates,
                                    resolver=self.transport.resolver)
+        self.server.metrics = self.metrics
+        self.metrics.watch(queue_size=lambda: self.queue.size, sessions=lambda: len(self.server.sessions))
+        listen = config.metrics.listen
+        self.metrics_listener = MetricsListener(self.metrics, listen) if listen is not None else None
+        self.heartbeat = Heartbeat(heartbeat_file(config))  # the runner's, for `monomail status`
+        self.queue.beat = self.heartbeat.beat
         self._runner: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -104,6 +118,9 @@ class App:
         for warning in self.config.warnings:
             log.warning("config: %s", warning)
         await self.server.start(serving=False)
+        if self.metrics_listener is not None:  # bound with the other ports (as root, if started so)
+            await self.metrics_listener.start()
+            maillog.observers.append(self.metrics.mail_event)
         if self.drop is not None:  # bound as root; from here on, never root again
             privileges.drop_to(self.drop)
         await asyncio.to_thread(make_dirs, self.config.local.mail_dir, 0o700)
@@ -113,6 +130,10 @@ class App:
             log.info("spool: %d queued message(s) to resume", pending)
         await self.server.serve()
         await self.local.start()  # after the drop: public/, its sockets, the state file; takes the drop folder
+        try:
+            await asyncio.to_thread(self.heartbeat.create)
+        except OSError as exc:  # the runner's beats try again; `monomail status` says stale meanwhile
+            log.warning("heartbeat %s: %s", self.heartbeat.path, exc)
         self._runner = asyncio.create_task(self.queue.run(), name="queue-runner")
         log.info("monomail started as %s", self.config.hostname)
 
@@ -164,6 +185,8 @@ class App:
         log.info("shutting down (grace %.0fs)", grace)
         deadline = time.monotonic() + grace
         await self.local.close()  # (removes the state file: no client comes to a closing server)
+        if self.metrics_listener is not None:
+            await self.metrics_listener.close()
         await self.server.close(grace)
         if self._runner:
             self._runner.cancel()
@@ -176,6 +199,8 @@ class App:
         if self._serve_lock is not None:
             os.close(self._serve_lock)  # after the PID file: the next server writes its own
             self._serve_lock = None
+        if self.metrics.mail_event in maillog.observers:
+            maillog.observers.remove(self.metrics.mail_event)
         log.info("stopped")
 
 

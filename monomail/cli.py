@@ -1,4 +1,4 @@
-"""The ``monomail`` command: serve, check-config, queue, route, passwd.
+"""The ``monomail`` command: serve, check-config, status, queue, route, passwd.
 
 Job: parse arguments, load the config, call the right face, map failures to exit codes:
 0 success, 1 runtime failure, 2 bad usage or bad configuration (the error names the
@@ -39,6 +39,7 @@ from .queue import listing, recipient_lines
 from .record import QueueEntry
 from .settings import Config
 from .spool import Spool
+from .statuscmd import add_parser as add_status_parser
 from .tls import make_context
 
 
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sender", help="show the envelope sender rewrites for mail from this address")
     p.set_defaults(func=cmd_route)
     add_dns_parser(sub, common)
+    add_status_parser(sub, common)
     p = sub.add_parser("passwd", parents=[common], help="set a user's password for AUTH (read from standard input)")
     p.add_argument("user", metavar="USER")
     p.set_defaults(func=cmd_passwd)

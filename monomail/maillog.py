@@ -15,10 +15,15 @@ same for the lines of a library's logger (aiosmtpd's ``mail.log``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from .envelope import Envelope, Outcome, Status
 
 log = logging.getLogger("monomail.mail")
+
+# Observers (``metrics``): told of each "received" (an Envelope) and "outcome" (an Outcome)
+# logged here, from the loop or a worker thread. Added and removed by ``app``.
+observers: list[Callable[[str, Envelope | Outcome], None]] = []
 
 
 def printable(text: str | bytes) -> str:
@@ -59,12 +64,16 @@ def received(env: Envelope, *, client: str, helo: str, tls: str = "", user: str 
         "%s: received from=<%s> size=%d nrcpt=%d client=[%s] helo=%s%s",
         env.id, printable(env.sender), env.size, len(env.recipients), client, printable(helo), extra,
     )
+    for observer in tuple(observers):
+        observer("received", env)
 
 
 def outcome(qid: str, o: Outcome, *, attempt: int = 1) -> None:
     level = logging.INFO if o.status is Status.DELIVERED else logging.WARNING
     log.log(level, "%s: to=<%s> status=%s attempt=%d reply=%s (%s)",
             qid, printable(o.recipient), o.status.value, attempt, printable(str(o.reply)), printable(o.detail))
+    for observer in tuple(observers):
+        observer("outcome", o)
 
 
 def queued(qid: str, deferred: int, next_in: float) -> None:

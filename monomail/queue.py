@@ -37,7 +37,8 @@ commands (hold, delete) made while a delivery runs are kept. A record that canno
 read now (EMFILE, EIO) is retried later, never dropped from the schedule; a damaged one
 is moved aside (``spool/corrupt/``) and logged once with its id, and start-up goes on.
 The runner is supervised: if its loop raises, that is logged and it restarts after a
-short backoff, so retries never stop silently.
+short backoff, so retries never stop silently. It wakes at least every `HEARTBEAT`
+seconds and calls `Queue.beat` (the app's heartbeat file, for ``monomail status``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ Due = tuple[str, float | None]  # a queue id and when it next needs work (None: 
 EXPIRED = Reply(451, "4.4.7", "Message expired")
 RESTART_MIN = 0.5  # seconds before a crashed runner is restarted; doubles up to RESTART_MAX
 RESTART_MAX = 30.0
+HEARTBEAT = 5.0  # the runner wakes at least this often and calls `Queue.beat` (``monomail status``)
 
 
 def apply_outcome(r: QueuedRecipient, o: Outcome, now: float, retry: Sequence[float]) -> QueuedRecipient:
@@ -184,6 +186,7 @@ class Queue:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slots = asyncio.Semaphore(concurrency)
+        self.beat: Callable[[], None] = lambda: None  # the runner's heartbeat (app: `heartbeat.Heartbeat.beat`)
 
     def _own(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -421,6 +424,11 @@ class Queue:
         self._wake.set()
         return count
 
+    @property
+    def size(self) -> int:
+        """Entries in the queue now: due later or being worked on (held ones are not counted)."""
+        return len(self._due.keys() | self._busy)
+
     def flush(self) -> None:
         """Make everything due now."""
         now = self.clock()
@@ -448,6 +456,7 @@ class Queue:
 
     async def _run_loop(self) -> None:
         while True:
+            self.beat()
             now = self.clock()
             for qid in [q for q, t in self._due.items() if t <= now and q not in self._busy]:
                 self._busy.add(qid)
@@ -459,7 +468,7 @@ class Queue:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that
             # lands just as the event is set, and the runner would never stop.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(timeout, 60.0)):
+                async with asyncio.timeout(min(timeout, HEARTBEAT)):
                     await self._wake.wait()
 
     async def _retry(self, qid: str) -> None:

@@ -101,6 +101,7 @@ from .errors import LOCAL_ERROR, TOO_MANY_CONNECTIONS, AuthUnavailable, Reply, R
 from .limits import Connections, FailureWindow, client_key
 from .localpeer import LocalPeer, peer_of, received_local
 from .message import Content, completion_fields, received_header
+from .metrics import Metrics
 from .queue import Queue
 from .resolver import Resolver
 from .router import Tables
@@ -225,6 +226,7 @@ class Session(SMTP):
             self.mm.release(self)
             return
         self.core.tls_started(describe(tls.get_extra_info("ssl_object")))
+        self.mm.metrics.tls_started()  # metrics hook (issue 12)
         self._connected = True
         super().connection_made(tls)
 
@@ -239,6 +241,10 @@ class Session(SMTP):
         super().data_received(data)
 
     # -- the command loop (replaces aiosmtpd's, internal 1) -----------------------
+
+    async def push(self, status: Any) -> None:  # metrics hook (issue 12): every reply we write
+        await super().push(status)
+        self.mm.metrics.sent(status)
 
     async def _handle_client(self) -> None:
         try:
@@ -304,6 +310,7 @@ class Session(SMTP):
             self.connection_lost(None)  # asyncio's TLS layer never tells us: give the slot back here
             return False
         self.core.tls_started(describe(self.transport.get_extra_info("ssl_object") if self.transport else None))
+        self.mm.metrics.tls_started()  # metrics hook (issue 12)
         return True
 
     async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
@@ -507,6 +514,7 @@ class SMTPServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handshake_timeout = min(config.server.command_timeout, 60.0)  # an implicit TLS handshake
         self._serving = True
+        self.metrics = Metrics()  # counters (issue 12); app serves them when [metrics] is on
 
     async def start(self, serving: bool = True) -> None:
         """Bind every listener; with ``serving`` False, accept nothing until `serve`

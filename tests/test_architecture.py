@@ -38,6 +38,7 @@ ONE_HOME = {
     "spf": "spfcheck",
     "authheaders": "dmarc",
     "authres": "authresults",
+    "prometheus_client": "metrics",
 }
 _ROW = re.compile(r"^\|\s*`monomail/([\w/]+?)(?:\.py)?/?`\s*\|\s*(\w+)\s*\|", re.MULTILINE)
 
