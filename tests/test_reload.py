@@ -79,7 +79,8 @@ def test_sighup_new_alias_is_delivered_while_an_open_session_finishes(tmp_path: 
         write_config(tmp_path, server={"listen": [f"127.0.0.1:{server.port}"]},
                      aliases={**base_config()["aliases"], "sales": ["carol"]})
         _hup(server.proc, server.log)
-        # The session open across the reload finishes its transaction.
+        # The session open across the reload keeps the config it started with, and finishes.
+        assert open_session.rcpt("sales@example.test")[0] == 550
         code, _ = open_session.data(MSG % b"across")
         assert code == 250
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:
