@@ -94,7 +94,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if not result.ok:
         print(f"monomail: {result.error}", file=sys.stderr)
         return 2 if result.error.startswith("config error:") else 1
-    print(f"server (pid {result.pid}) reloaded {args.config}")
+    print(f"server (pid {result.pid}) read its configuration again: new sessions and deliveries use it")
     return 0
 
 
