@@ -21,6 +21,14 @@ are served over HTTP (bound with the other ports) and fed by the mail log's obse
 while it runs. The queue runner's heartbeat (``heartbeat``, ``public/heartbeat``) is made
 at start; ``monomail status`` reads it.
 
+SIGHUP (and ``monomail reload``, which sends it and reads the answer): the log file is
+reopened at once (logrotate has moved it), then the config file is read again in a
+worker thread (``reload``). A valid new config takes over in one place,
+`App.reload_config`, for new sessions and new deliveries; sessions in flight keep the
+one they started with, accepted messages stay as they are. An invalid one is refused
+with the line ``check-config`` prints, in the log and in the answer, and the old config
+stays. SIGUSR1 re-reads the queue.
+
 Not here: SMTP (``server``), retry logic (``queue``), argument parsing (``cli``).
 """
 
@@ -32,12 +40,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import maillog, mailstore, privileges
-from .control import pid_file
+from . import maillog, mailstore, privileges, reload
+from .auth import Authenticator
+from .control import ReloadResult, pid_file, write_reload_result
 from .deliver import Deliverer
 from .dkimsig import load_signer
 from .errors import ConfigError, SpoolBusy
@@ -53,6 +62,7 @@ from .settings import Config
 from .spool import Spool
 from .tables import FileTables
 from .tls import Certificates
+from .userfilter import UserFilters
 
 log = logging.getLogger("monomail")
 
@@ -74,6 +84,20 @@ def setup_logging(config: Config) -> None:
     root.handlers[:] = [handler]
     root.setLevel(config.log.level.upper())
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def reopen_log(config: Config) -> None:
+    """SIGHUP: the log anew at the configured path (logrotate moved the old file away);
+    the old handlers are closed. On failure the old ones stay, and say why."""
+    old = logging.getLogger().handlers[:]
+    try:
+        setup_logging(config)
+    except OSError as exc:
+        logging.getLogger().handlers[:] = old
+        log.error("cannot reopen the log file %s, going on with the old one: %s", config.log.file, exc)
+        return
+    for handler in old:
+        handler.close()
 
 
 class App:
@@ -100,6 +124,9 @@ class App:
         self.metrics_listener = MetricsListener(self.metrics, listen) if listen is not None else None
         self.heartbeat = Heartbeat(heartbeat_file(config))  # the runner's, for `monomail status`
         self.queue.beat = self.heartbeat.beat
+        self._retired: list[Transport] = []  # replaced by a reload: closed at shutdown
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False  # a SIGHUP came while a reload ran (or before the start)
         self._runner: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -136,6 +163,8 @@ class App:
             log.warning("heartbeat %s: %s", self.heartbeat.path, exc)
         self._runner = asyncio.create_task(self.queue.run(), name="queue-runner")
         log.info("monomail started as %s", self.config.hostname)
+        if self._reload_again:
+            self.hangup()
 
     def _repair_mailboxes(self) -> None:
         """Every user's mailbox after a crash (blocking: one worker thread for them all)."""
@@ -163,13 +192,94 @@ class App:
         """SIGUSR1 (sent by ``monomail queue flush/hold/release/delete``): re-read the spool
         and look at the drop folder."""
         self.local.wake()
-        task = asyncio.ensure_future(self._reload())
+        self._spawn(self._reload())
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(work)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
     async def _reload(self) -> None:
         count = await self.queue.reload()
         log.info("queue reloaded: %d entries", count)
+
+    def hangup(self) -> None:
+        """SIGHUP: reopen the log now, then read the config file again (one reload at a
+        time; a SIGHUP during one asks for one more after it)."""
+        reopen_log(self.config)
+        if self._stop.is_set():
+            return
+        if self._runner is None or (self._reloading is not None and not self._reloading.done()):
+            self._reload_again = True  # not started yet, or a reload is running
+            return
+        self._reloading = asyncio.create_task(self._reload_while_asked(), name="config-reload")
+
+    async def _reload_while_asked(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload_config()
+            if not self._reload_again or self._stop.is_set():
+                return
+
+    async def reload_config(self) -> ReloadResult:
+        """Read the config file again. Valid: it takes over for new sessions and new
+        deliveries (`_swap`). Invalid: refused, logged with the line ``check-config``
+        prints, and the old config stays. The answer is written for ``monomail reload``."""
+        started = time.monotonic_ns()
+        warnings: tuple[str, ...] = ()
+        error = ""
+        try:
+            fresh, warnings = await asyncio.to_thread(reload.prepare, self.config, self.config.path)
+        except ConfigError as exc:
+            error = f"config error: {exc}"
+        except Exception as exc:  # a bug of ours: the old config stays, the server goes on
+            log.error("reload failed: %r", exc, exc_info=exc)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        else:
+            warnings += await self._swap(fresh)
+        if error:
+            log.error("reload refused, keeping the old config: %s", error)
+        else:
+            for warning in warnings:
+                log.warning("reload: %s", warning)
+            log.info("config reloaded from %s", self.config.path)
+        result = ReloadResult(os.getpid(), started, not error, error, warnings)
+        try:
+            await asyncio.to_thread(write_reload_result, self.config, result)
+        except OSError as exc:
+            log.error("cannot write the reload answer: %s", exc)
+        return result
+
+    async def _swap(self, fresh: reload.Fresh) -> tuple[str, ...]:
+        """The one place a new config takes over: every piece that holds settings gets the
+        new ones for its next piece of work. What runs keeps what it holds (a session its
+        settings, a delivery its transport); a replaced transport is closed at shutdown."""
+        old, new = self.config, fresh.config
+        resolver = self.transport.resolver if (new.dns == old.dns) else None
+        if resolver is None or new.remote != old.remote:
+            self._retired.append(self.transport)
+            self._spawn(self.transport.close())  # its idle connections now; its busy ones at shutdown
+            self.transport = Transport(new, resolver)
+        else:
+            self.transport.config = new
+        if new.local != old.local:
+            self.tables = FileTables(new.local)
+        d = self.deliverer
+        d.config, d.transport, d.tables, d.signer = new, self.transport, self.tables, fresh.signer
+        d.filters = UserFilters(new) if new.filters.enabled else None
+        q = self.queue
+        q.config, q.hostname, q.cut_through = new.queue, new.hostname, new.remote.cut_through
+        s = self.server
+        s.config, s.tables, s.certificates, s.resolver = new, self.tables, fresh.certificates, self.transport.resolver
+        if new.auth != old.auth:
+            s.auth = Authenticator(new.auth)
+        s.per_client.limit = new.server.max_connections_per_ip
+        s.failures.limit = new.auth.auth_failures
+        self.local.config = new
+        self.config = new
+        if new.log != old.log:
+            reopen_log(new)
+        return await reload.sync_listeners(self.server, new)
 
     async def wait(self) -> None:
         await self._stop.wait()
@@ -184,6 +294,9 @@ class App:
         grace = self.config.server.shutdown_grace
         log.info("shutting down (grace %.0fs)", grace)
         deadline = time.monotonic() + grace
+        if self._reloading is not None:
+            self._reloading.cancel()
+            await asyncio.wait({self._reloading}, timeout=5)
         await self.local.close()  # (removes the state file: no client comes to a closing server)
         if self.metrics_listener is not None:
             await self.metrics_listener.close()
@@ -192,7 +305,8 @@ class App:
             self._runner.cancel()
             await asyncio.wait({self._runner}, timeout=max(0.5, deadline - time.monotonic()))
         await self.queue.close(max(0.5, deadline - time.monotonic()))
-        await self.transport.close()
+        for transport in (*self._retired, self.transport):
+            await transport.close()
         # Work not started is dropped (its tasks are cancelled); running work is short:
         # mbox lock waits are cut into slices by the deliverer.
         await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
@@ -210,6 +324,7 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.stop)
     loop.add_signal_handler(signal.SIGUSR1, app.reload_queue)
+    loop.add_signal_handler(signal.SIGHUP, app.hangup)
     try:
         await app.start()
     except (SpoolBusy, ConfigError) as exc:

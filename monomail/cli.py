@@ -80,6 +80,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP to the running server, then its answer (``control.ask_reload``): 0 taken, 2
+    refused (the config error, as check-config prints it), 1 no answer. A file that does
+    not load here is refused here, and the server is not disturbed."""
+    from .control import ask_reload
+
+    result = ask_reload(_load(args.config), args.timeout)
+    if isinstance(result, str):
+        print(f"monomail reload: {result}", file=sys.stderr)
+        return 1
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not result.ok:
+        print(f"monomail: {result.error}", file=sys.stderr)
+        return 2 if result.error.startswith("config error:") else 1
+    print(f"server (pid {result.pid}) read its configuration again: new sessions and deliveries use it")
+    return 0
+
+
 def cmd_queue_list(args: argparse.Namespace) -> int:
     """The whole queue; for a user who cannot read the spool, as the running server lists it
     (``localsubmit``'s showq socket); with neither, one line and 69 (EX_UNAVAILABLE)."""
@@ -243,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", parents=[common], help="check the configuration and exit")
     p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("reload", parents=[common], help="make the running server read its configuration again")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for its answer (default 30)")
+    p.set_defaults(func=cmd_reload)
     p = sub.add_parser("route", parents=[common], help="show where addresses go (like exim -bt), sending nothing")
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p.add_argument("--sender", help="show the envelope sender rewrites for mail from this address")

@@ -18,6 +18,13 @@ The state file's first line is the pid alone (``kill $(cat ...)`` works); then
 `tell_server` wakes a server with SIGUSR1; a stale state file may name somebody else's
 process, so only a process known to be monomail is signalled.
 
+Reload (``monomail reload``, `ask_reload`): SIGHUP, then the server's answer in
+``<spool_dir>/public/reload.result`` (0600: only the server's user and root, the ones who
+may signal it, read it): its pid, when it began reading the config file (CLOCK_MONOTONIC,
+one clock for every process of the host), ``ok`` or ``refused`` with the one-line error,
+and any warnings. An answer counts only when that reading began after the signal was
+sent, so it saw the file as the caller left it, whatever reload came before.
+
 Not here: the server's listeners on those sockets (``server``, ``localsubmit``), the drop
 folder's files (``maildrop``).
 """
@@ -29,6 +36,7 @@ import os
 import signal
 import socket as socketlib
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +48,7 @@ PID_FILE = "monomail.pid"  # the state file, in <spool_dir>/public
 SOCKET = "submit"  # SMTP for local submission
 SHOWQ = "showq"  # the queue listing
 MAILDROP = "maildrop"
+RELOAD_RESULT = "reload.result"  # the server's answer to SIGHUP
 SPOOL_MODE = 0o711
 PUBLIC_MODE = 0o755
 STATE_MODE = 0o644
@@ -180,3 +189,63 @@ def tell_server(server: RunningServer | None) -> int | None:
 def notify_server(config: Config) -> int | None:
     """Tell the running server, if there is one, to read the spool now; its pid, or None."""
     return tell_server(running_server(config))
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """What the server made of one reading of its config file."""
+
+    pid: int
+    started: int  # time.monotonic_ns() when the server began reading the file
+    ok: bool
+    error: str = ""  # refused: the one line check-config prints ("config error: key: message")
+    warnings: tuple[str, ...] = ()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def write_reload_result(config: Config, result: ReloadResult) -> None:
+    lines = [str(result.pid), f"started {result.started}", "ok" if result.ok else "refused"]
+    if result.error:
+        lines.append(f"error {_one_line(result.error)}")
+    lines += [f"warning {_one_line(w)}" for w in result.warnings]
+    write_file(public_dir(config) / RELOAD_RESULT, ("\n".join(lines) + "\n").encode(), mode=0o600)
+
+
+def read_reload_result(config: Config) -> ReloadResult | None:
+    try:
+        lines = (public_dir(config) / RELOAD_RESULT).read_text(encoding="utf-8").splitlines()
+        pid, started, verdict = int(lines[0]), int(lines[1].removeprefix("started ")), lines[2]
+    except (OSError, ValueError, IndexError, UnicodeError):
+        return None
+    error = next((line[6:] for line in lines[3:] if line.startswith("error ")), "")
+    warnings = tuple(line[8:] for line in lines[3:] if line.startswith("warning "))
+    return ReloadResult(pid, started, verdict == "ok", error, warnings)
+
+
+def ask_reload(config: Config, timeout: float = 30.0) -> ReloadResult | str:
+    """SIGHUP to the running server and its answer (blocking, at most ``timeout``
+    seconds), or why there is none (a one-line reason)."""
+    server = running_server(config)
+    if server is None or not is_monomail(server.pid):
+        return f"no monomail server is running (state file {pid_file(config)})"
+    sent = time.monotonic_ns()
+    try:
+        os.kill(server.pid, signal.SIGHUP)
+    except OSError as exc:
+        return f"cannot signal the server (pid {server.pid}): {exc.strerror}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = read_reload_result(config)
+        if result is not None and result.pid == server.pid and result.started >= sent:
+            return result
+        try:
+            os.kill(server.pid, 0)
+        except ProcessLookupError:
+            return f"the server (pid {server.pid}) ended before it answered"
+        except PermissionError:
+            pass
+        time.sleep(0.05)
+    return f"the server (pid {server.pid}) did not answer within {timeout:.0f}s"

@@ -144,7 +144,8 @@ class Session(SMTP):
     def __init__(self, server: SMTPServer, kind: str = MX) -> None:
         self.mm = server
         self.kind = kind
-        cfg = server.config
+        self.cfg, self.tables, self.auth, self.resolver = server.config, server.tables, server.auth, server.resolver
+        self.certs = certs = server.certificates  # the settings taken once: a reload is for new sessions
         self.peer_ip = "127.0.0.1"
         self.client = ""  # the limits' key for this client (limits.client_key)
         self.trusted = False
@@ -155,29 +156,28 @@ class Session(SMTP):
         self._handshake: asyncio.Task[None] | None = None
         self._credentials: LoginPassword | None = None
         self._authzid = b""  # PLAIN's authorization identity (RFC 4616), "" for none
-        certs = server.certificates
         super().__init__(  # size, SMTPUTF8, the greeting are the core's: aiosmtpd's own commands are unused
             _NoHooks(),
-            hostname=cfg.hostname,  # else aiosmtpd asks socket.getfqdn() on every connection
-            timeout=cfg.server.timeout,
+            hostname=self.cfg.hostname,  # else aiosmtpd asks socket.getfqdn() on every connection
+            timeout=self.cfg.server.timeout,
             loop=server.loop,
             tls_context=certs.front if certs else None,
             authenticator=self._capture,
         )
-        self.core = Transaction(cfg, self._check_recipient, tls=certs is not None and kind != LOCAL,
+        self.core = Transaction(self.cfg, self._check_recipient, tls=certs is not None and kind != LOCAL,
                                 submission=kind in (SUBMISSION, SUBMISSIONS), owner=self._owns,
                                 local_sender=self._local_sender if kind == LOCAL else None)
 
     def _check_recipient(self, address: Address, sender: str) -> object:
-        return policy.check_recipient(address, self.mm.config, trusted=self.trusted or self.core.login is not None,
-                                      sender=sender, tables=self.mm.tables)
+        return policy.check_recipient(address, self.cfg, trusted=self.trusted or self.core.login is not None,
+                                      sender=sender, tables=self.tables)
 
     def _owns(self, login: str, address: str) -> bool:
-        return policy.owns(login, address, self.mm.config, self.mm.tables)
+        return policy.owns(login, address, self.cfg, self.tables)
 
     def _local_sender(self, sender: str) -> bool:
         peer = self.local
-        return peer is not None and policy.local_sender(sender, peer.name, peer.trusted, self.mm.config)
+        return peer is not None and policy.local_sender(sender, peer.name, peer.trusted, self.cfg)
 
     # -- connection bookkeeping ---------------------------------------------------
 
@@ -188,7 +188,7 @@ class Session(SMTP):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
         if self.kind == LOCAL:
-            self.local = peer_of(transport.get_extra_info("socket"), self.mm.config)
+            self.local = peer_of(transport.get_extra_info("socket"), self.cfg)
             self.peer_ip = f"local:{self.local.label if self.local else 'unknown'}"
             if self.local is None:  # no peer credentials: nobody to speak for
                 transport.close()
@@ -210,7 +210,7 @@ class Session(SMTP):
 
     async def _implicit_tls(self, raw: asyncio.Transport) -> None:
         """The handshake of a 465 connection (RFC 8314), then the session over it."""
-        certs = self.mm.certificates
+        certs = self.certs
         assert certs is not None
         try:
             tls = await self.loop.start_tls(raw, self, certs.front, server_side=True,
@@ -278,7 +278,7 @@ class Session(SMTP):
 
     async def _next_command(self) -> Step:
         try:
-            async with asyncio.timeout(self.mm.config.server.command_timeout):
+            async with asyncio.timeout(self.cfg.server.command_timeout):
                 line = await self._read_line()
         except TimeoutError:
             log.info("timeout waiting for a command from [%s]", self.peer_ip)
@@ -301,7 +301,7 @@ class Session(SMTP):
         """aiosmtpd's STARTTLS (it writes the 220); False if the handshake failed."""
         self._starting_tls = True
         try:
-            async with asyncio.timeout(self.mm.config.server.command_timeout):
+            async with asyncio.timeout(self.cfg.server.command_timeout):
                 await self.smtp_STARTTLS("")
         except (TLSSetupException, TimeoutError, ConnectionError, OSError) as exc:
             cause = exc.__cause__ or exc
@@ -370,7 +370,7 @@ class Session(SMTP):
         exchange = self.auth_PLAIN if mechanism == "PLAIN" else self.auth_LOGIN
         self._credentials = None
         try:
-            async with asyncio.timeout(self.mm.config.server.command_timeout):
+            async with asyncio.timeout(self.cfg.server.command_timeout):
                 result = await exchange(self, [mechanism, *([initial] if initial else [])])
         except TimeoutError:
             return Step((COMMAND_TIMEOUT,), Next.CLOSE)
@@ -382,7 +382,7 @@ class Session(SMTP):
             return self.core.answer(AUTH_EXCHANGE_FAILED, sent=True)
         user = credentials.login.decode("utf-8", "replace")
         try:
-            login = await self.mm.auth.check(user, credentials.password, client_ip=self.peer_ip)
+            login = await self.auth.check(user, credentials.password, client_ip=self.peer_ip)
         except AuthUnavailable as exc:
             log.error("auth unavailable client=[%s] user=%s: %s", self.peer_ip, maillog.printable(user),
                       maillog.printable(exc.detail))
@@ -405,7 +405,7 @@ class Session(SMTP):
         content = self.core.content
         assert content is not None
         try:
-            async with asyncio.timeout(self.mm.config.server.data_timeout):
+            async with asyncio.timeout(self.cfg.server.data_timeout):
                 await self._read_pieces(content)
         except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
             raise
@@ -436,7 +436,7 @@ class Session(SMTP):
             return LOCAL_ERROR
 
     async def _accept(self, msg: Message) -> Reply:
-        cfg = self.mm.config
+        cfg = self.cfg
         now = time.time()
         qid = new_id(now)
         rcpts = msg.recipients
@@ -457,7 +457,7 @@ class Session(SMTP):
             data = msg.content.join(header)
         if self.kind == MX and not self.trusted and msg.login is None:  # from outside: checked
             verdict = await inbound.check(data, client_ip=self.peer_ip, helo=msg.helo, sender=msg.sender,
-                                          config=cfg, resolver=self.mm.resolver)
+                                          config=cfg, resolver=self.resolver)
             if verdict.reply is not None:
                 log.info("refused DATA from [%s] id=%s from=<%s>: %s", self.peer_ip, qid,
                          maillog.printable(msg.sender), maillog.printable(verdict.summary))
@@ -491,6 +491,13 @@ class Session(SMTP):
             transport.close()
 
 
+def listeners(config: Config) -> list[tuple[str, Listen]]:
+    """Every TCP listener the config asks for, with its kind."""
+    sub = config.submission
+    return ([(MX, a) for a in config.server.listen] + [(SUBMISSION, a) for a in sub.listen]
+            + [(SUBMISSIONS, a) for a in sub.listen_tls])
+
+
 class SMTPServer:
     """Listens on the MX and submission addresses; owns the sessions and their limits.
 
@@ -511,10 +518,14 @@ class SMTPServer:
         self.failures = FailureWindow(config.auth.auth_failures, time.monotonic)
         self.servers: list[asyncio.Server] = []
         self.kinds: list[str] = []  # each server's kind of listener, in `servers` order
+        self.listening: dict[tuple[str, Listen], asyncio.Server] = {}  # the TCP ones, by what the config says
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.handshake_timeout = min(config.server.command_timeout, 60.0)  # an implicit TLS handshake
         self._serving = True
         self.metrics = Metrics()  # counters (issue 12); app serves them when [metrics] is on
+
+    @property
+    def handshake_timeout(self) -> float:  # an implicit TLS handshake (follows a reload)
+        return min(self.config.server.command_timeout, 60.0)
 
     async def start(self, serving: bool = True) -> None:
         """Bind every listener; with ``serving`` False, accept nothing until `serve`
@@ -522,15 +533,12 @@ class SMTPServer:
         self.loop = asyncio.get_running_loop()
         self._serving = serving
         await asyncio.to_thread(inbound.prepare)
-        sub = self.config.submission
-        if (sub.listen or sub.listen_tls) and self.certificates is None:
+        if any(kind != MX for kind, _ in listeners(self.config)) and self.certificates is None:
             raise RuntimeError("submission ports need the TLS certificates")
-        for kind, addresses in ((MX, self.config.server.listen), (SUBMISSION, sub.listen),
-                                (SUBMISSIONS, sub.listen_tls)):
-            for addr in addresses:
-                await self._listen(kind, addr)
+        for kind, addr in listeners(self.config):
+            await self.listen(kind, addr)
 
-    async def _listen(self, kind: str, addr: Listen) -> None:
+    async def listen(self, kind: str, addr: Listen) -> None:  # OSError when it cannot be bound
         assert self.loop is not None
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_UNSPEC
         server = await self.loop.create_server(  # 465's TLS: `Session._implicit_tls`, once counted
@@ -539,10 +547,18 @@ class SMTPServer:
         )
         self.servers.append(server)
         self.kinds.append(kind)
+        self.listening[kind, addr] = server
         log.info("listening on %s (%s)", addr, kind)
+
+    def unlisten(self, kind: str, addr: Listen) -> None:  # stop accepting there; its sessions go on
+        server = self.listening.pop((kind, addr))
+        del self.kinds[i := self.servers.index(server)], self.servers[i]
+        server.close()
+        log.info("no longer listening on %s (%s)", addr, kind)
 
     async def serve(self) -> None:
         """Start accepting on listeners bound with ``start(serving=False)``."""
+        self._serving = True
         for server in self.servers:
             await server.start_serving()
 
