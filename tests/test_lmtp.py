@@ -1,0 +1,179 @@
+"""LMTP delivery (RFC 2033) into a real Dovecot: mail in over SMTP with smtplib, handed
+to Dovecot's ``lmtp`` (UNIX socket or 127.0.0.1), read back over IMAP with ``imaplib``.
+
+Dovecot is started per test with a private config (``dovecot.DovecotMail``); the tests
+are skipped when it cannot run here.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import mailbox
+import re
+import smtplib
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import cli, wait_until, write_config
+from dovecot import DovecotMail, running_mail_store
+
+from monomail.config import load
+from monomail.envelope import Address
+from monomail.router import resolve
+
+PASSWORD = "imap-secret"
+MESSAGE = (
+    b"From: Sender <bob@example.test>\r\nTo: alice@example.test, carol@example.test\r\n"
+    b"Subject: by LMTP\r\nMessage-ID: <lmtp-1@example.test>\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    b"first line\r\n.leading dot\r\n..two dots\r\n.\r\nFrom the start\r\n"
+    + "caf\u00e9 8-bit\r\n".encode() + b"last line\r\n"
+)
+_SAVED = re.compile(r"lmtp\((\w+)@[^)]*\)<(\d+)><([^>:]+)(?::R\d+)?>: Info: .*saved mail to INBOX")
+
+
+def send(port: int, rcpts: list[str], data: bytes = MESSAGE, sender: str = "bob@example.test") -> dict[str, Any]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+        return s.sendmail(sender, rcpts, data)
+
+
+def imap_messages(dv: DovecotMail, user: str) -> list[bytes]:
+    """Every message in ``user``'s INBOX, as IMAP gives it (RFC822, CRLF)."""
+    with imaplib.IMAP4("127.0.0.1", dv.imap_port, timeout=10) as imap:
+        imap.login(user, PASSWORD)
+        imap.select("INBOX", readonly=True)
+        _, found = imap.search(None, "ALL")
+        out = []
+        for num in found[0].split():
+            _, parts = imap.fetch(num, "(BODY.PEEK[])")
+            out.append(next(p[1] for p in parts if isinstance(p, tuple)))
+        return out
+
+
+def saved(dv: DovecotMail) -> list[tuple[str, str]]:
+    """(user, LMTP session) for each message Dovecot logged as saved."""
+    return [(m.group(1), f"{m.group(2)}/{m.group(3)}") for m in map(_SAVED.search, dv.log_text().splitlines()) if m]
+
+
+def spool_entries(server: Any) -> list[Path]:
+    return list(server.config.server.spool_dir.glob("*.json"))
+
+
+def headers_of(raw: bytes) -> list[bytes]:
+    return [line.split(b":", 1)[0].lower() for line in raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+            if line and not line[:1].isspace()]
+
+
+@pytest.fixture
+def store():
+    with running_mail_store({"alice": PASSWORD, "bob": PASSWORD, "carol": PASSWORD}, quota={"carol": "1K"}) as dv:
+        yield dv
+
+
+@pytest.fixture
+def store_no_quota():
+    with running_mail_store({"alice": PASSWORD, "bob": PASSWORD, "carol": PASSWORD}) as dv:
+        yield dv
+
+
+def test_two_users_one_transaction_each_copy_intact_over_imap(serve, store_no_quota: DovecotMail):
+    dv = store_no_quota
+    server = serve(lmtp={"target": f"unix:{dv.lmtp_socket}"})
+    before = dv.lmtp_sessions()
+    assert send(server.port, ["alice@example.test", "carol@example.test"]) == {}
+    wait_until(lambda: len(saved(dv)) == 2, timeout=10)
+    # One LMTP session for both: Dovecot logged one connection, and both copies were saved in
+    # it (its session id, the second recipient's marked :R2).
+    assert dv.lmtp_sessions() - before == 1
+    assert {user for user, _ in saved(dv)} == {"alice", "carol"}
+    assert len({session for _, session in saved(dv)}) == 1
+    for user in ("alice", "carol"):
+        (copy,) = imap_messages(dv, user)
+        assert copy.endswith(MESSAGE), copy  # what the client sent, byte for byte (dot-stuffing undone)
+        top = copy[: -len(MESSAGE)]
+        names = headers_of(top + b"\r\n")
+        # Dovecot's trace fields and ours, each once: Return-Path from MAIL FROM (not a second
+        # one from monomail), Dovecot's Delivered-To, then the Received fields.
+        assert names.count(b"return-path") == 1 and names[0] == b"return-path", top
+        assert b"Return-Path: <bob@example.test>\r\n" in top
+        assert names.count(b"delivered-to") <= 1
+        assert b"by mx.example.test (monomail)" in top
+    assert not (server.config.local.mail_dir / "alice").exists(), "nothing written to the local Maildir"
+    assert spool_entries(server) == []
+
+
+def test_one_user_over_quota_bounces_alone(serve, store: DovecotMail):
+    """Over TCP this time, per user (users.<name>.lmtp): carol's quota is 1K, so Dovecot
+    answers 552 5.2.2 for her at the end of DATA and 250 for alice."""
+    dv = store
+    target = f"127.0.0.1:{dv.lmtp_port}"
+    server = serve(users={"alice": {"lmtp": target}, "bob": {"mailbox_format": "mbox"}, "carol": {"lmtp": target}})
+    big = MESSAGE + b"x" * 76 + b"\r\n" * 1 + (b"y" * 76 + b"\r\n") * 40  # over 1K
+    assert send(server.port, ["alice@example.test", "carol@example.test"], big) == {}
+    wait_until(lambda: (server.config.local.mail_dir / "bob").exists(), timeout=10)
+    (alice_copy,) = imap_messages(dv, "alice")
+    assert alice_copy.endswith(big)
+    assert imap_messages(dv, "carol") == []
+    bounces = list(mailbox.mbox(server.config.local.mail_dir / "bob", create=False))
+    assert len(bounces) == 1
+    dsn = bounces[0]
+    assert dsn.get_content_type() == "multipart/report"
+    report = next(p for p in dsn.walk() if p.get_content_type() == "message/delivery-status")
+    text = report.as_string()
+    assert "carol@example.test" in text and "5.2.2" in text and "failed" in text.lower()
+    assert "alice@example.test" not in text
+    assert "Quota exceeded" in dsn.as_string()  # Dovecot's own words reach the sender
+    assert spool_entries(server) == []  # nothing left to retry
+
+
+def test_store_down_defers_then_delivers_when_it_is_back(serve, store_no_quota: DovecotMail):
+    dv = store_no_quota
+    server = serve(lmtp={"domains": {"example.test": f"unix:{dv.lmtp_socket}"}}, queue={"retry": ["1s"]})
+    dv.stop()
+    assert send(server.port, ["alice@example.test"]) == {}  # accepted: journalled, deferred
+    assert len(spool_entries(server)) == 1
+    assert not (server.config.local.mail_dir / "alice").exists()
+    time.sleep(1.5)  # at least one retry against the stopped store
+    assert len(spool_entries(server)) == 1
+    dv.start()
+    wait_until(lambda: len(saved(dv)) == 1, timeout=20)
+    (copy,) = imap_messages(dv, "alice")
+    assert copy.endswith(MESSAGE)
+    wait_until(lambda: spool_entries(server) == [], timeout=10)
+
+
+def test_lmtp_precedence_user_then_domain_then_target(tmp_path: Path):
+    """Pure routing: a user's own lmtp wins, then the recipient's domain, then lmtp.target;
+    the RCPT TO address is always <name>@<primary domain>, one per mailbox."""
+    path = write_config(
+        tmp_path,
+        local={"domains": ["example.test", "other.test"]},
+        virtual={"shop.test": {"info": ["carol"]}},
+        users={"alice": {"lmtp": "unix:/run/alice"}, "bob": {"mailbox_format": "mbox"}, "carol": {}},
+        lmtp={"target": "127.0.0.1:24", "domains": {"other.test": "unix:/run/other", "shop.test": "[::1]:2424"}},
+    )
+    cfg = load(path)
+
+    def where(addr: str) -> list[tuple[str, str, str]]:
+        return [(str(d.lmtp.target), d.lmtp.recipient, d.lmtp.rule) for d in resolve(Address.from_str(addr), cfg)
+                if d.lmtp is not None]
+
+    assert where("alice@other.test") == [("unix:/run/alice", "alice@example.test", "users.alice.lmtp")]
+    assert where("bob@other.test") == [("unix:/run/other", "bob@example.test", 'lmtp.domains."other.test"')]
+    assert where("bob@example.test") == [("127.0.0.1:24", "bob@example.test", "lmtp.target")]
+    assert where("info@shop.test") == [("[::1]:2424", "carol@example.test", 'lmtp.domains."shop.test"')]
+    # Two addresses of one user are one copy (same key).
+    a, b = (resolve(Address.from_str(x), cfg)[0] for x in ("carol@example.test", "carol+tag@example.test"))
+    assert a.key == b.key == "lmtp:127.0.0.1:24:carol@example.test"
+
+
+def test_route_shows_lmtp(tmp_path: Path):
+    path = write_config(tmp_path, lmtp={"target": "unix:/run/dovecot/lmtp"},
+                        users={"alice": {"lmtp": "127.0.0.1:2424"}, "bob": {"mailbox_format": "mbox"}, "carol": {}})
+    out = cli("route", "-c", str(path), "team@example.test")
+    assert out.returncode == 0, out.stderr
+    assert "alice@example.test: user alice (users.alice) -> lmtp 127.0.0.1:2424 as <alice@example.test> " \
+           "(users.alice.lmtp)" in out.stdout, out.stdout
+    assert "-> lmtp unix:/run/dovecot/lmtp as <bob@example.test> (lmtp.target)" in out.stdout, out.stdout
