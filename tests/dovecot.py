@@ -382,9 +382,10 @@ class DovecotMail(DovecotAuth):
     """
 
     def __init__(self, users: Mapping[str, str] | None = None, *, quota: Mapping[str, str] | None = None,
-                 extra_config: str = "") -> None:
+                 tls: tuple[str, str] | None = None, extra_config: str = "") -> None:
         super().__init__(users, extra_config=extra_config)
         self._quota = dict(quota or {})
+        self._tls = tls  # (certfile, keyfile): ssl = yes, so LMTP on TCP offers STARTTLS
         self.lmtp_port = _free_port()
         self.imap_port = _free_port()
         owner = pwd.getpwnam("nobody") if _has_user("nobody") else None
@@ -414,7 +415,7 @@ base_dir = {d}/run
 state_dir = {d}/state
 protocols = lmtp imap
 listen = 127.0.0.1
-ssl = no
+{f"ssl = yes{chr(10)}ssl_cert = <{self._tls[0]}{chr(10)}ssl_key = <{self._tls[1]}" if self._tls else "ssl = no"}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 log_path = {self.log}
@@ -517,13 +518,14 @@ def _has_user(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_mail_store(users: Mapping[str, str], *, quota: Mapping[str, str] | None = None) -> Iterator[DovecotMail]:
+def running_mail_store(users: Mapping[str, str], *, quota: Mapping[str, str] | None = None,
+                       tls: tuple[str, str] | None = None) -> Iterator[DovecotMail]:
     """A started :class:`DovecotMail`; the calling test is skipped when Dovecot cannot run here
     (``dovecot-lmtpd`` or ``dovecot-imapd`` missing among the reasons)."""
     for binary in ("lmtp", "imap"):
         if not os.path.exists(f"/usr/lib/dovecot/{binary}"):
             pytest.skip(f"no real Dovecot: /usr/lib/dovecot/{binary} missing (Debian: dovecot-{binary}d)")
-    dv = DovecotMail(users, quota=quota)
+    dv = DovecotMail(users, quota=quota, tls=tls)
     try:
         try:
             dv.start()

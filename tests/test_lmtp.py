@@ -177,3 +177,24 @@ def test_route_shows_lmtp(tmp_path: Path):
     assert "alice@example.test: user alice (users.alice) -> lmtp 127.0.0.1:2424 as <alice@example.test> " \
            "(users.alice.lmtp)" in out.stdout, out.stdout
     assert "-> lmtp unix:/run/dovecot/lmtp as <bob@example.test> (lmtp.target)" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("tls", ["opportunistic", "none"])
+def test_starttls_when_the_store_offers_it_on_tcp(serve, tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: str):
+    """remote.tls applies to LMTP on TCP: STARTTLS whenever offered, unless "none"."""
+    from peers import self_signed_cert
+
+    pair = self_signed_cert(tmp_path / "cert")
+    if pair is None:
+        pytest.skip("no way to make a certificate here")
+    with running_mail_store({"alice": PASSWORD}, tls=pair) as dv:
+        server = serve(lmtp={"target": f"127.0.0.1:{dv.lmtp_port}"}, remote={"tls": tls})
+        caplog.set_level("INFO", logger="monomail.lmtp")
+        assert send(server.port, ["alice@example.test"]) == {}
+        wait_until(lambda: len(saved(dv)) == 1, timeout=10)
+        (copy,) = imap_messages(dv, "alice")
+        assert copy.endswith(MESSAGE)
+        used = any(f"lmtp 127.0.0.1:{dv.lmtp_port}: TLS TLSv1" in r.getMessage() for r in caplog.records)
+        # Dovecot's own Received field says whether the message came over TLS.
+        over_tls = b"with LMTPS" in copy.split(b"\r\n\r\n", 1)[0]
+        assert (used, over_tls) == ((True, True) if tls == "opportunistic" else (False, False)), copy[:600]
