@@ -51,6 +51,7 @@ log = logging.getLogger("monomail.lmtp")
 MAX_LINE = 8192  # a reply line longer than this is a broken peer
 _CODE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)\Z", re.DOTALL)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENHANCED = re.compile(r"\A[245]\.[0-9]{1,3}\.[0-9]{1,3} ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +178,13 @@ class _Session:
         except OSError as exc:
             raise _Failed(Reply(451, "4.4.2", f"{self.where}: {_os_reason(exc)} during {doing}")) from None
 
-    async def reply(self, doing: str, timeout: float) -> Reply:
-        reply, _ = await self.reply_lines(doing, timeout)
+    async def reply(self, doing: str, timeout: float, limit: float | None = None) -> Reply:
+        reply, _ = await self.reply_lines(doing, timeout, limit)
         return reply
 
-    async def reply_lines(self, doing: str, timeout: float) -> tuple[Reply, list[str]]:
-        """One reply, multiline or not: the Reply and the text of each of its lines."""
+    async def reply_lines(self, doing: str, timeout: float, limit: float | None = None) -> tuple[Reply, list[str]]:
+        """One reply, multiline or not: the Reply and the text of each of its lines (``timeout``:
+        the time left; ``limit``: the configured limit it is part of, for the text)."""
         assert self.reader is not None
         lines: list[str] = []
         code = 0
@@ -202,14 +204,17 @@ class _Session:
                     if m.group(2) == b" ":
                         break
         except TimeoutError:
-            raise _Failed(Reply(451, "4.4.2", f"{self.where}: timeout after {timeout:g}s waiting for the reply "
-                                              f"to {doing}")) from None
+            raise _Failed(Reply(451, "4.4.2", f"{self.where}: timeout after {limit or timeout:g}s waiting for "
+                                              f"the reply to {doing}")) from None
         except (ValueError, asyncio.LimitOverrunError):  # a line over MAX_LINE
             raise _Failed(Reply(451, "4.5.0", f"{self.where}: over-long reply line (in reply to {doing})")) from None
         except OSError as exc:
             raise _Failed(Reply(451, "4.4.2", f"{self.where}: {_os_reason(exc)} waiting for the reply "
                                               f"to {doing}")) from None
-        return _peer_reply(code, " ".join(lines) if code >= 300 else lines[0]), lines
+        if code < 300:
+            return _peer_reply(code, lines[0]), lines
+        # RFC 2034 §3: every line of a multiline reply repeats the enhanced code; say it once
+        return _peer_reply(code, " ".join([lines[0], *(_ENHANCED.sub("", line, 1) for line in lines[1:])])), lines
 
     async def close(self, polite: bool) -> None:
         if self.writer is None:
@@ -263,7 +268,8 @@ async def send(target: LMTPTarget, sender: str, recipients: Sequence[str], paylo
         loop = asyncio.get_running_loop()
         deadline = loop.time() + remote.data_timeout
         for rcpt in accepted:  # RFC 2033 §4.2: one reply per accepted recipient, in order
-            reply = await session.reply(f"the end of data for <{rcpt}>", max(deadline - loop.time(), 0.001))
+            reply = await session.reply(f"the end of data for <{rcpt}>", max(deadline - loop.time(), 0.001),
+                                        remote.data_timeout)
             if reply.code == 250:
                 answered[rcpt] = LmtpResult(rcpt, reply, f"{where}: {reply}")
             else:

@@ -198,3 +198,113 @@ def test_starttls_when_the_store_offers_it_on_tcp(serve, tmp_path: Path, caplog:
         # Dovecot's own Received field says whether the message came over TLS.
         over_tls = b"with LMTPS" in copy.split(b"\r\n\r\n", 1)[0]
         assert (used, over_tls) == ((True, True) if tls == "opportunistic" else (False, False)), copy[:600]
+
+
+# -- the client against a scripted LMTP peer (a real socket on loopback) ------------------
+
+
+def _rc(**kw: float) -> Any:
+    from monomail.settings import RemoteConfig
+
+    base = dict(port=25, tls="opportunistic", smarthost="", smarthost_username="", smarthost_password="",
+                connect_timeout=2.0, command_timeout=2.0, data_timeout=2.0, max_connections=1,
+                max_connections_per_domain=1, connection_idle=0.0, cut_through=0.0)
+    return RemoteConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+async def _scripted(script: dict[str, bytes], seen: list[bytes], data_replies: bytes | None) -> Any:
+    """An LMTP peer on 127.0.0.1: ``script`` maps a command's first word to its reply;
+    after the final dot it sends ``data_replies`` (None: says nothing)."""
+    import asyncio
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 peer ready\r\n")
+        in_data = False
+        while line := await reader.readline():
+            seen.append(line)
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    if data_replies is not None:
+                        writer.write(data_replies)
+                continue
+            word = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper().decode()
+            writer.write(script.get(word, b"354 go ahead\r\n" if word == "DATA" else b"250 2.0.0 OK\r\n"))
+            if word == "DATA":
+                in_data = True
+            if word == "QUIT":
+                break
+        writer.close()
+
+    return await asyncio.start_server(client, "127.0.0.1", 0)
+
+
+def _run_scripted(script: dict[str, bytes], data_replies: bytes | None, rcpts: list[str],
+                  rc: Any = None) -> tuple[list[Any], list[bytes]]:
+    import asyncio
+
+    from monomail import lmtp
+    from monomail.settings import LMTPTarget
+
+    seen: list[bytes] = []
+
+    async def main() -> list[Any]:
+        server = await _scripted(script, seen, data_replies)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await lmtp.send(LMTPTarget(None, "127.0.0.1", port), "s@x.test", rcpts,
+                                   lmtp.encode(b"Subject: t\n\n.dot\nend\n"), hostname="mx.test", remote=rc or _rc())
+
+    return asyncio.run(main()), seen
+
+
+def test_client_one_reply_per_accepted_recipient_multiline_and_refusals():
+    lhlo = b"250-peer\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+    results, seen = _run_scripted(
+        {"LHLO": lhlo, "RCPT": b"250 2.1.5 OK\r\n"},
+        b"250 2.0.0 <a@x> Saved\r\n452-4.2.2 over\r\n452 4.2.2 quota, try later\r\n",
+        ["a@x.test", "b@x.test"])
+    assert [r.reply.code for r in results] == [250, 452]
+    assert results[1].reply.status == "4.2.2" and "over quota, try later" in results[1].reply.text
+    assert seen[0] == b"LHLO mx.test\r\n" and seen[1] == b"MAIL FROM:<s@x.test> BODY=8BITMIME\r\n"
+    assert b"..dot\r\n" in seen and seen.count(b"DATA\r\n") == 1  # dot-stuffed, CRLF
+
+    # A recipient refused at RCPT (5xx: permanent for it alone) gets no DATA reply.
+    results, _ = _run_scripted({"RCPT": b"550 5.1.1 no such user\r\n"}, b"250 2.0.0 ok\r\n", ["a@x.test"])
+    assert results[0].reply.code == 550 and results[0].reply.status == "5.1.1"
+
+
+def test_client_failures_are_temporary_and_name_the_target():
+    # No answer after the final dot: timeout, temporary, for every accepted recipient.
+    results, _ = _run_scripted({}, None, ["a@x.test", "b@x.test"], _rc(data_timeout=0.5))
+    assert {r.reply.code for r in results} == {451}
+    assert "timeout after 0.5s waiting for the reply to the end of data" in results[0].reply.text
+    # 421 at RCPT ends the session: every recipient temporary.
+    results, _ = _run_scripted({"RCPT": b"421 4.3.2 shutting down\r\n"}, None, ["a@x.test", "b@x.test"])
+    assert [r.reply.code for r in results] == [421, 421]
+    # A 5xx greeting reply to LHLO is the store's configuration: temporary, not a bounce.
+    results, _ = _run_scripted({"LHLO": b"500 5.5.1 what\r\n"}, None, ["a@x.test"])
+    assert results[0].reply.code == 451 and "said: 500 5.5.1 what (in reply to LHLO)" in results[0].reply.text
+    # Nobody listening.
+    import asyncio
+    import socket
+
+    from monomail import lmtp
+    from monomail.settings import LMTPTarget
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = asyncio.run(lmtp.send(LMTPTarget(None, "127.0.0.1", port), "", ["a@x.test"], lmtp.encode(b"x\n"),
+                                    hostname="mx.test", remote=_rc()))
+    assert str(results[0].reply) == f"451 4.4.1 connect to lmtp 127.0.0.1:{port}: connection refused"
+    results = asyncio.run(lmtp.send(LMTPTarget(Path("/nonexistent/lmtp")), "", ["a@x.test"], lmtp.encode(b"x\n"),
+                                    hostname="mx.test", remote=_rc()))
+    assert results[0].reply.code == 451 and "no such file or directory" in results[0].reply.text
+
+
+def test_encode_crlf_and_dots():
+    from monomail.lmtp import encode
+
+    assert encode(b".a\nb\r\n.\nc") == b"..a\r\nb\r\n..\r\nc\r\n.\r\n"
+    assert encode(b"") == b".\r\n"
