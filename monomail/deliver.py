@@ -13,7 +13,8 @@ own result; nothing is added on top of the message (Dovecot writes ``Return-Path
 MAIL FROM and its own ``Delivered-To`` and ``Received``), but a list's ``List-*`` fields.
 monomail's own recipes (``filters``, an account's ``.procmailrc``) and the ``.Junk``
 folder are not used there: the store filters (Sieve can file ``X-Spam-Flag: YES``). The
-DATA form is made in a worker thread (``lmtp.encode``). The 250 to our client waits for
+DATA form is made in a worker thread (``lmtp.encode``); at most
+``remote.max_connections_per_domain`` connections to one target at once. The 250 to our client waits for
 the store's answer or the spool, as for any delivery (the queue journals first).
 
 Quarantine: a message that ``inbound`` marked as quarantined (DMARC ``p=quarantine``
@@ -123,6 +124,7 @@ class Deliverer:
         self._mbox_writing: set[Path] = set()
         self._mail_gid = accounts.mail_group() if config.local.system_accounts else None
         self._children = asyncio.Semaphore(userchild.MAX_CHILDREN)  # recipe children at once
+        self._lmtp_slots: dict[LMTPTarget, asyncio.Semaphore] = {}  # connections per LMTP target
 
     async def attempt(
         self,
@@ -323,8 +325,10 @@ class Deliverer:
         try:
             payload = await asyncio.get_running_loop().run_in_executor(
                 self.executor, lmtp.encode, _header_lines(headers) + data if headers else data)
-            results = await lmtp.send(target, sender, list(by_rcpt), payload, hostname=self.config.hostname,
-                                      remote=self.config.remote, smtputf8=not sender.isascii())
+            slots = self._lmtp_slots.setdefault(target, asyncio.Semaphore(self.config.remote.max_connections_per_domain))
+            async with slots:
+                results = await lmtp.send(target, sender, list(by_rcpt), payload, hostname=self.config.hostname,
+                                          remote=self.config.remote, smtputf8=not sender.isascii())
         except Exception as exc:  # unclassified: temporary (DESIGN invariant 2)
             log.exception("LMTP delivery to %s crashed", target)
             return [(b.key, _Result(reply_for(exc), f"lmtp {target}: {exc!r}")) for b in boxes]
