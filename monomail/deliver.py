@@ -325,7 +325,8 @@ class Deliverer:
         try:
             payload = await asyncio.get_running_loop().run_in_executor(
                 self.executor, lmtp.encode, _header_lines(headers) + data if headers else data)
-            slots = self._lmtp_slots.setdefault(target, asyncio.Semaphore(self.config.remote.max_connections_per_domain))
+            limit = self.config.remote.max_connections_per_domain
+            slots = self._lmtp_slots.setdefault(target, asyncio.Semaphore(limit))
             async with slots:
                 results = await lmtp.send(target, sender, list(by_rcpt), payload, hostname=self.config.hostname,
                                           remote=self.config.remote, smtputf8=not sender.isascii())
