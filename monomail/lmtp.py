@@ -7,24 +7,29 @@ transaction carrying all of the message's recipients for that target, and return
 TCP peer without STARTTLS fails temporarily), MAIL FROM, one RCPT TO per recipient,
 DATA, and then one reply per recipient RCPT accepted, in RCPT order (RFC 2033 §4.2).
 8BITMIME (RFC 6152) and SMTPUTF8 (RFC 6531) parameters are sent when the peer offers
-them; replies are multiline-aware, and the enhanced status code (RFC 2034) is taken
-from the peer's text or derived from the basic code.
+them. A UTF-8 envelope sender to a store that does not offer SMTPUTF8 fails for good,
+554 5.6.7, as Postfix does (RFC 6531 §3.4; Dovecot 2.3 offers no SMTPUTF8, and given
+such a sender anyway it writes ``Return-Path: <>``, losing it). Replies are
+multiline-aware; the enhanced status code (RFC 2034) is taken from the peer's text or
+derived from the basic code.
 
 `encode` turns a message into its DATA form (CRLF line ends, dot-stuffing, the final
 ``.``); it is a whole-message pass, so ``deliver`` runs it in a worker thread.
 
 Not here: which recipients go by LMTP (``router``), the headers Dovecot adds itself
-(``Return-Path`` from MAIL FROM, ``Delivered-To``, ``Received``: monomail adds none of
-them to what it hands over), retries and bounces (``queue``).
+(``Return-Path`` from MAIL FROM, ``Received``, and ``Delivered-To`` when a transaction has
+one recipient: monomail adds none of them to what it hands over), retries and bounces
+(``queue``).
 
 Error handling: nothing raises to the caller (but cancellation). A refused or timed
 out connection, a dropped one, a TLS failure, a reply that does not parse and a 4xx
 are temporary (451/4xx) for every recipient not yet answered; a 5xx is permanent for
 the recipient it answers (for all of them when it answers MAIL or DATA; a 5xx greeting
 or LHLO reply is the store's configuration, not a verdict on the message: temporary). The
-reply's text names the target and what it said (``lmtp unix:/run/dovecot/lmtp said:
-552 5.2.2 <bob@example.test> Quota exceeded``) and is about the peer only, so it can go
-into the queue, the log and a bounce. A connection lost after the final ``.`` is
+reply's text names the target and what it said (``lmtp 192.0.2.7:24 said: 552 5.2.2
+<bob@example.test> Quota exceeded``; a UNIX socket is "the LMTP store", its path only
+in the result's ``detail``, for the log) and is about the peer only, so it can go into
+the queue, the log and a bounce. A connection lost after the final ``.`` is
 temporary for the recipients whose reply had not come (at-least-once).
 
 Timeouts: ``remote.connect_timeout`` to connect and get the greeting,
@@ -58,7 +63,7 @@ _ENHANCED = re.compile(r"\A[245]\.[0-9]{1,3}\.[0-9]{1,3} ")
 class LmtpResult:
     recipient: str
     reply: Reply
-    detail: str = ""  # for the log: where and in reply to what
+    detail: str = ""  # for the log: the target (a socket's path too) and the reply
 
 
 class _Failed(Exception):
@@ -92,7 +97,8 @@ def _peer_reply(code: int, text: str) -> Reply:
 class _Session:
     def __init__(self, target: LMTPTarget, rc: RemoteConfig) -> None:
         self.target = target
-        self.where = f"lmtp {target}"
+        # what replies call the peer: host and port, never a local socket path (DESIGN 6)
+        self.where = f"lmtp {target}" if target.path is None else "the LMTP store"
         self.rc = rc
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -128,7 +134,7 @@ class _Session:
     async def starttls(self, hostname: str) -> None:
         reply = await self.command("STARTTLS", "STARTTLS")
         if reply.code != 220:  # opportunistic: go on in the clear
-            log.info("%s refused STARTTLS (%s); going on without TLS", self.where, reply)
+            log.info("lmtp %s refused STARTTLS (%s); going on without TLS", self.target, reply)
             return
         context = ssl.create_default_context()
         context.check_hostname = False
@@ -143,7 +149,7 @@ class _Session:
             raise _Failed(Reply(451, "4.7.5", f"{self.where}: TLS failed: {getattr(exc, 'reason', None) or exc}")) \
                 from None
         obj = self.writer.get_extra_info("ssl_object")
-        log.info("%s: TLS %s %s", self.where, obj.version() if obj else "?", obj.cipher()[0] if obj else "")
+        log.info("lmtp %s: TLS %s %s", self.target, obj.version() if obj else "?", obj.cipher()[0] if obj else "")
         await self.lhlo(hostname)  # RFC 3207 §4.2: forget what was said before TLS
 
     def expect(self, reply: Reply, code: int, doing: str, *, verdict: bool = True) -> None:
@@ -244,9 +250,8 @@ async def send(target: LMTPTarget, sender: str, recipients: Sequence[str], paylo
         if eight_bit and "8BITMIME" in session.extensions:
             params += " BODY=8BITMIME"
         if smtputf8:
-            if "SMTPUTF8" not in session.extensions:
-                reply = Reply(554, "5.6.7", f"{where} does not offer SMTPUTF8, which this message needs")
-                return [LmtpResult(r, reply, str(reply)) for r in recipients]
+            if "SMTPUTF8" not in session.extensions:  # as Postfix: never a UTF-8 address to a peer without it
+                raise _Failed(Reply(554, "5.6.7", f"{where} does not offer SMTPUTF8, which this sender needs"))
             params += " SMTPUTF8"
         reply = await session.command(f"MAIL FROM:<{sender}>{params}", "MAIL FROM")
         session.expect(reply, 250, "MAIL FROM")
@@ -260,27 +265,32 @@ async def send(target: LMTPTarget, sender: str, recipients: Sequence[str], paylo
             else:
                 answered[rcpt] = _refused(where, reply, f"RCPT TO:<{rcpt}>", rcpt)
         polite = True
-        if not accepted:
-            return [answered[r] for r in recipients]
-        reply = await session.command("DATA", "DATA")
-        session.expect(reply, 354, "DATA")
-        await session.send(payload, "the message", remote.data_timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + remote.data_timeout
-        for rcpt in accepted:  # RFC 2033 §4.2: one reply per accepted recipient, in order
-            reply = await session.reply(f"the end of data for <{rcpt}>", max(deadline - loop.time(), 0.001),
-                                        remote.data_timeout)
-            if reply.code == 250:
-                answered[rcpt] = LmtpResult(rcpt, reply, f"{where}: {reply}")
-            else:
-                answered[rcpt] = _refused(where, reply, "the end of data", rcpt)
+        if accepted:
+            await _data(session, accepted, payload, answered)
     except _Failed as exc:
         polite = False
         for rcpt in recipients:
-            answered.setdefault(rcpt, LmtpResult(rcpt, exc.reply, str(exc.reply)))
+            answered.setdefault(rcpt, LmtpResult(rcpt, exc.reply))
     finally:
         await session.close(polite)
-    return [answered[r] for r in recipients]
+    return [LmtpResult(r, answered[r].reply, f"lmtp {target}: {answered[r].reply}") for r in recipients]
+
+
+async def _data(session: _Session, accepted: list[str], payload: bytes, answered: dict[str, LmtpResult]) -> None:
+    """DATA, the message, then one reply per accepted recipient (RFC 2033 §4.2)."""
+    where, remote = session.where, session.rc
+    reply = await session.command("DATA", "DATA")
+    session.expect(reply, 354, "DATA")
+    await session.send(payload, "the message", remote.data_timeout)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + remote.data_timeout
+    for rcpt in accepted:  # RFC 2033 §4.2: one reply per accepted recipient, in order
+        reply = await session.reply(f"the end of data for <{rcpt}>", max(deadline - loop.time(), 0.001),
+                                    remote.data_timeout)
+        if reply.code == 250:
+            answered[rcpt] = LmtpResult(rcpt, reply, f"{where}: {reply}")
+        else:
+            answered[rcpt] = _refused(where, reply, "the end of data", rcpt)
 
 
 def _refused(where: str, reply: Reply, doing: str, rcpt: str) -> LmtpResult:

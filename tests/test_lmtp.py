@@ -308,3 +308,20 @@ def test_encode_crlf_and_dots():
 
     assert encode(b".a\nb\r\n.\nc") == b"..a\r\nb\r\n..\r\nc\r\n.\r\n"
     assert encode(b"") == b".\r\n"
+
+
+def test_utf8_sender_to_a_store_without_smtputf8_fails_for_good(serve, store_no_quota: DovecotMail,
+                                                                caplog: pytest.LogCaptureFixture):
+    """Dovecot 2.3 offers no SMTPUTF8 (and, given a UTF-8 sender anyway, writes Return-Path: <>):
+    such mail fails with 5.6.7, as Postfix does, instead of reaching the store with its sender lost."""
+    dv = store_no_quota
+    server = serve(lmtp={"target": f"unix:{dv.lmtp_socket}"})
+    caplog.set_level("INFO")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as s, pytest.raises(smtplib.SMTPDataError) as refused:
+        s.sendmail("jos\u00e9@example.test", ["alice@example.test"], MESSAGE, mail_options=["SMTPUTF8"])
+    # One recipient: the store's answer is the answer to DATA (cut-through), with no local path in it.
+    assert refused.value.smtp_code == 554
+    assert refused.value.smtp_error == b"5.6.7 the LMTP store does not offer SMTPUTF8, which this sender needs"
+    assert f"lmtp unix:{dv.lmtp_socket}: 554 5.6.7" in caplog.text  # the log has the path
+    assert saved(dv) == [] and imap_messages(dv, "alice") == []
+    wait_until(lambda: spool_entries(server) == [], timeout=10)  # not retried
