@@ -133,6 +133,8 @@ class _Session:
 
     async def starttls(self, hostname: str) -> None:
         reply = await self.command("STARTTLS", "STARTTLS")
+        if reply.code != 220 and self.rc.tls == "required":
+            raise _Failed(Reply(451, "4.7.4", f"{self.where} refused STARTTLS: {reply} (remote.tls = \"required\")"))
         if reply.code != 220:  # opportunistic: go on in the clear
             log.info("lmtp %s refused STARTTLS (%s); going on without TLS", self.target, reply)
             return

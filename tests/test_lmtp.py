@@ -219,7 +219,7 @@ def test_starttls_when_the_store_offers_it_on_tcp(serve, tmp_path: Path, caplog:
 # -- the client against a scripted LMTP peer (a real socket on loopback) ------------------
 
 
-def _rc(**kw: float) -> Any:
+def _rc(**kw: Any) -> Any:
     from monomail.settings import RemoteConfig
 
     base = dict(port=25, tls="opportunistic", smarthost="", smarthost_username="", smarthost_password="",
@@ -301,6 +301,10 @@ def test_client_failures_are_temporary_and_name_the_target():
     # A 5xx greeting reply to LHLO is the store's configuration: temporary, not a bounce.
     results, _ = _run_scripted({"LHLO": b"500 5.5.1 what\r\n"}, None, ["a@x.test"])
     assert results[0].reply.code == 451 and "said: 500 5.5.1 what (in reply to LHLO)" in results[0].reply.text
+    # remote.tls = "required" and no STARTTLS offered: temporary, nothing sent.
+    results, seen = _run_scripted({}, None, ["a@x.test"], _rc(tls="required"))
+    assert results[0].reply.code == 451 and results[0].reply.status == "4.7.4"
+    assert not any(line.startswith(b"MAIL") for line in seen)
     # Nobody listening.
     import asyncio
     import socket
