@@ -7,6 +7,16 @@ transaction per domain), and say per recipient: delivered, temporary failure or
 permanent failure. The queue decides what to do with that; this module never touches
 the spool.
 
+LMTP (a `Mailbox` with ``lmtp`` set, see ``router``): the mailboxes of one message for one
+LMTP target (and one envelope sender) go in one transaction (``lmtp.send``), each with its
+own result; nothing is added on top of the message (Dovecot writes ``Return-Path`` from
+MAIL FROM and its own ``Delivered-To`` and ``Received``), but a list's ``List-*`` fields.
+monomail's own recipes (``filters``, an account's ``.procmailrc``) and the ``.Junk``
+folder are not used there: the store filters (Sieve can file ``X-Spam-Flag: YES``). The
+DATA form is made in a worker thread (``lmtp.encode``); at most
+``remote.max_connections_per_domain`` connections to one target at once. The 250 to our client waits for
+the store's answer or the spool, as for any delivery (the queue journals first).
+
 Quarantine: a message that ``inbound`` marked as quarantined (DMARC ``p=quarantine``
 failed; `inbound.quarantined`) goes into a Maildir user's ``.Junk`` folder instead of the
 inbox; an mbox user's copy carries the ``X-Spam-Flag: YES`` field.
@@ -52,7 +62,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import accounts, dkimsig, mailstore, userchild
+from . import accounts, dkimsig, lmtp, mailstore, userchild
 from .envelope import Address, Envelope, Outcome, Spawn, Status
 from .errors import Reply, RouteError, reply_for
 from .inbound import quarantined
@@ -61,7 +71,7 @@ from .remote import Transport
 from .resolver import BlockingLookup
 from .rewrite import forward_sender, masquerade_address, masquerade_headers
 from .router import Destination, ListPost, Mailbox, Remote, Tables, resolve
-from .settings import Account, Config
+from .settings import Account, Config, LMTPTarget
 from .userfilter import UserFilters
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")
@@ -114,6 +124,7 @@ class Deliverer:
         self._mbox_writing: set[Path] = set()
         self._mail_gid = accounts.mail_group() if config.local.system_accounts else None
         self._children = asyncio.Semaphore(userchild.MAX_CHILDREN)  # recipe children at once
+        self._lmtp_slots: dict[LMTPTarget, asyncio.Semaphore] = {}  # connections per LMTP target
 
     async def attempt(
         self,
@@ -168,6 +179,7 @@ class Deliverer:
         results: dict[str, _Result] = {}
         work = []
         remote: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Remote]] = {}
+        stores: dict[tuple[LMTPTarget, str, tuple[tuple[str, str], ...]], list[Mailbox]] = {}
         for d in jobs.values():
             if d.via.list_id and d.via.list_id in looped:  # a list never sends back into itself
                 results[d.key] = _Result(LIST_LOOP, f"dropped: message already went through list {d.via.list_id}")
@@ -176,12 +188,17 @@ class Deliverer:
                 members = tuple(m if "@" in m else f"{m}@{primary}" for m in d.members)
                 spawn = Spawn(d.via.sender or "", members, _header_lines(d.via.headers))
                 results[d.key] = _Result(LIST_POSTED, f"list {d.name}: {len(members)} members", spawns=(spawn,))
+            elif isinstance(d, Mailbox) and d.lmtp is not None:
+                sender = env.sender if d.via.sender is None else d.via.sender
+                stores.setdefault((d.lmtp.target, sender, d.via.headers), []).append(d)
             elif isinstance(d, Mailbox):
                 work.append(self._local(d, env, data))
             else:
                 remote.setdefault((d.domain, self._outbound_sender(d, env), d.via.headers), []).append(d)
         work += [self._remote(domain, sender, headers, dests, env, data)
                  for (domain, sender, headers), dests in remote.items()]
+        work += [self._lmtp(target, sender, headers, boxes, data)
+                 for (target, sender, headers), boxes in stores.items()]
         if len(work) == 1:  # the common case, without gather's tasks
             batches = [await work[0]]
         else:
@@ -300,6 +317,24 @@ class Deliverer:
             (by_address[r.recipient].key, _Result(r.reply, f"remote {domain}: {r.detail or r.reply}", r.host))
             for r in results
         ]
+
+    async def _lmtp(self, target: LMTPTarget, sender: str, headers: tuple[tuple[str, str], ...],
+                    boxes: list[Mailbox], data: bytes) -> list[tuple[str, _Result]]:
+        """One LMTP transaction for ``boxes`` (all for ``target``): a result per mailbox."""
+        by_rcpt = {b.lmtp.recipient: b for b in boxes if b.lmtp is not None}
+        try:
+            payload = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lmtp.encode, _header_lines(headers) + data if headers else data)
+            limit = self.config.remote.max_connections_per_domain
+            slots = self._lmtp_slots.setdefault(target, asyncio.Semaphore(limit))
+            async with slots:
+                results = await lmtp.send(target, sender, list(by_rcpt), payload, hostname=self.config.hostname,
+                                          remote=self.config.remote, smtputf8=not sender.isascii())
+        except Exception as exc:  # unclassified: temporary (DESIGN invariant 2)
+            log.exception("LMTP delivery to %s crashed", target)
+            return [(b.key, _Result(reply_for(exc), f"lmtp {target}: {exc!r}")) for b in boxes]
+        return [(by_rcpt[r.recipient].key, _Result(r.reply, r.detail or str(r.reply), target.host))
+                for r in results]
 
     async def _mbox(self, path: Path, item: mailstore.MboxItem, owner: mailstore.Owner | None = None) -> None:
         """Queue ``item`` for ``path``; the first caller writes every waiting item in batches.

@@ -4,7 +4,8 @@ Job: what ``exim -bt`` and ``sendmail -bv`` do. For each address, print the tree
 expansions the router made (list, virtual entry, alias, forward rule, user, system
 account with its uid, mailbox and home), the config
 key each step came from, and each final destination: a local mailbox with its path and
-format, or a remote domain with the hosts it would be sent to (an MX lookup with the
+format (or, delivered by LMTP, the target, the RCPT TO address and the key that chose
+LMTP), or a remote domain with the hosts it would be sent to (an MX lookup with the
 configured resolver, or the smarthost) and the envelope sender that copy would carry
 (list bounce address, forwarding rewrite, masquerading). Errors are shown in place (an
 alias's own ``:fail:`` or ``:defer:`` reply among them), and the exit code is 2 when
@@ -64,6 +65,10 @@ async def _render(node: Node, depth: int, out: list[str], config: Config, sender
     ok = node.error is None
     if node.error:
         out.append(f"{pad}{node.address}: {node.rule}{key}: FAILS {node.error.reply} ({node.error.detail})")
+    elif isinstance(node.dest, Mailbox) and node.dest.lmtp is not None:
+        lmtp = node.dest.lmtp
+        out.append(f"{pad}{node.address}: {node.rule}{key} -> lmtp {lmtp.target} as <{lmtp.recipient}> "
+                   f"({lmtp.rule})")
     elif isinstance(node.dest, Mailbox):
         box = node.dest
         out.append(f"{pad}{node.address}: {node.rule}{key} -> {box.format} {box.path}")

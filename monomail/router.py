@@ -26,6 +26,16 @@ Lookup order for ``local@domain``:
    name goes to the first user;
 4. any other domain: `Remote`.
 
+LMTP (RFC 2033, ``[lmtp]``, ``users.<name>.lmtp``): a user's or account's mailbox is
+handed to a mail store over LMTP instead of written here when one of these names a
+target, the first that does: the user's own ``lmtp``, then ``lmtp.domains`` for the
+domain of the recipient address being routed (as the client gave it, before aliases and
+virtual entries: ``info@shop.test`` → ``alice`` goes by ``lmtp.domains."shop.test"``),
+then ``lmtp.target``. The `Mailbox` then carries an `Lmtp`: the target, the address
+given to RCPT TO (always ``<name>@<local.primary_domain>``, one address per mailbox,
+so two addresses of one user in one message are one copy) and the key that chose it;
+its key is ``lmtp:<target>:<address>``.
+
 An alias target that names the alias itself and is also a user (``alice = ["alice",
 "x@remote"]``) delivers to that user, as in /etc/aliases; a forward to oneself
 likewise. Any other cycle is a loop (550 5.4.6). A list's members inherit the list's
@@ -52,7 +62,7 @@ from typing import Protocol
 
 from .envelope import Address
 from .errors import Reply, RouteError
-from .settings import Account, Config, Discard, MailingList, Refusal, User
+from .settings import Account, Config, Discard, LMTPTarget, MailingList, Refusal, User
 
 MAX_DEPTH = 20
 
@@ -73,8 +83,17 @@ class Via:
 
 
 @dataclass(frozen=True, slots=True)
+class Lmtp:
+    """A mailbox that lives in a mail store reached by LMTP (Dovecot's ``lmtp``)."""
+
+    target: LMTPTarget
+    recipient: str  # the address given to RCPT TO: <name>@<local.primary_domain>
+    rule: str  # the config key that chose LMTP: "users.alice.lmtp", "lmtp.domains.x", "lmtp.target"
+
+
+@dataclass(frozen=True, slots=True)
 class Mailbox:
-    """Deliver into a local mailbox file or folder."""
+    """Deliver into a local mailbox file or folder (or, with ``lmtp``, to the user's mail store)."""
 
     user: str
     path: Path
@@ -82,9 +101,12 @@ class Mailbox:
     address: str  # the address that led here, for Delivered-To
     via: Via = Via()
     account: Account | None = None  # a system account's spool mbox: written with its ownership
+    lmtp: Lmtp | None = None  # set: delivered by LMTP, ``path`` and ``format`` unused
 
     @property
     def key(self) -> str:
+        if self.lmtp is not None:
+            return f"lmtp:{self.lmtp.target}:{self.lmtp.recipient.lower()}"
         return f"mailbox:{self.path}"
 
 
@@ -193,14 +215,29 @@ def _collect(node: Node, out: dict[str, Destination], under_list: bool) -> None:
 def expand(address: Address, config: Config, tables: Tables | None = None,
            sender: str | None = None) -> Node:
     """The expansion tree of ``address`` (errors recorded in nodes, never raised)."""
-    r = _Router(config, tables or ConfigTables(), sender)
+    r = _Router(config, tables or ConfigTables(), sender, address.domain or config.local.primary_domain)
     return r.address(address, Via(), (), 0)
 
 
+def lmtp_for(name: str, user: User | None, origin: str, config: Config) -> Lmtp | None:
+    """The LMTP delivery of ``name``'s mailbox for mail to an address in ``origin``, if any:
+    the user's own ``lmtp``, then ``lmtp.domains[origin]``, then ``lmtp.target``."""
+    recipient = f"{name}@{config.local.primary_domain}"
+    if user is not None and user.lmtp is not None:
+        return Lmtp(user.lmtp, recipient, f"users.{name}.lmtp")
+    by_domain = config.lmtp.domains.get(origin)
+    if by_domain is not None:
+        return Lmtp(by_domain, recipient, f'lmtp.domains."{origin}"')
+    if config.lmtp.target is not None:
+        return Lmtp(config.lmtp.target, recipient, "lmtp.target")
+    return None
+
+
 class _Router:
-    def __init__(self, config: Config, tables: Tables, sender: str | None) -> None:
+    def __init__(self, config: Config, tables: Tables, sender: str | None, origin: str) -> None:
         self.c = config
         self.t = tables
+        self.origin = origin.lower()  # the domain of the address being routed (for lmtp.domains)
         self.sender = sender.lower() if sender is not None else None
         self.accounts: dict[str, Account | None] = {}  # one passwd lookup per name per expansion
 
@@ -370,10 +407,12 @@ class _Router:
     def mailbox(self, name: str, shown: str, via: Via) -> Node:
         account = self.account(name)
         if account is not None:
-            dest = Mailbox(account.name, account.mailbox, "mbox", shown, via, account)
+            lmtp = lmtp_for(account.name, None, self.origin, self.c)
+            dest = Mailbox(account.name, account.mailbox, "mbox", shown, via, account, lmtp)
             return Node(shown, f"account {name} (uid {account.uid})", "local.system_accounts", dest=dest)
         user = self.c.users[name]
-        dest = Mailbox(user.name, user.path, user.mailbox_format, shown, via)
+        dest = Mailbox(user.name, user.path, user.mailbox_format, shown, via, lmtp=lmtp_for(name, user, self.origin,
+                                                                                             self.c))
         return Node(shown, f"user {name}", f"users.{name}", dest=dest)
 
 

@@ -365,3 +365,172 @@ def dovecot_auth() -> Iterator[DovecotAuth]:
     """A started private Dovecot with no users yet (add them with ``set_password``)."""
     with running_dovecot() as dv:
         yield dv
+
+
+# -- a mail store: LMTP in, IMAP out -------------------------------------------------------
+
+
+class DovecotMail(DovecotAuth):
+    """A private Dovecot with LMTP (UNIX socket :attr:`lmtp_socket` and 127.0.0.1:
+    :attr:`lmtp_port`) and IMAP (127.0.0.1::attr:`imap_port`, plaintext LOGIN), Maildirs
+    under a temp directory owned by ``nobody`` (``mail_uid``: Dovecot writes them as that
+    account, not as root), and the quota plugin (a user given a ``quota`` rule, such as
+    ``"1K"``, gets ``quota_rule = *:storage=<quota>``; Dovecot then answers ``552 5.2.2`` for
+    them at the end of DATA). Users are looked up by the local part (``username_format =
+    %Ln``), so ``alice@any.domain`` is user ``alice``. Dovecot's own log
+    (:attr:`log`) has one ``Connect from`` line per LMTP session (``log_debug`` of lmtp).
+    """
+
+    def __init__(self, users: Mapping[str, str] | None = None, *, quota: Mapping[str, str] | None = None,
+                 tls: tuple[str, str] | None = None, extra_config: str = "") -> None:
+        super().__init__(users, extra_config=extra_config)
+        self._quota = dict(quota or {})
+        self._tls = tls  # (certfile, keyfile): ssl = yes, so LMTP on TCP offers STARTTLS
+        self.lmtp_port = _free_port()
+        self.imap_port = _free_port()
+        owner = pwd.getpwnam("nobody") if _has_user("nobody") else None
+        self._uid = owner.pw_uid if owner else 65534
+        self._gid = owner.pw_gid if owner else 65534
+
+    @property
+    def lmtp_socket(self) -> Path:
+        return self.dir / "run" / "lmtp"
+
+    @property
+    def mail(self) -> Path:
+        return self.dir / "mail"
+
+    def _make_dir(self) -> None:
+        super()._make_dir()
+        self.mail.mkdir(mode=0o755)
+        os.chown(self.mail, self._uid, self._gid)
+
+    def _config_text(self) -> str:
+        d = self.dir
+        users = self.users
+        return f"""\
+# A private Dovecot for monomail's LMTP tests: LMTP and IMAP on loopback, Maildirs in {self.mail}.
+instance_name = {d.name}
+base_dir = {d}/run
+state_dir = {d}/state
+protocols = lmtp imap
+listen = 127.0.0.1
+{f"ssl = yes{chr(10)}ssl_cert = <{self._tls[0]}{chr(10)}ssl_key = <{self._tls[1]}" if self._tls else "ssl = no"}
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+log_path = {self.log}
+info_log_path = {self.log}
+auth_verbose = yes
+mail_location = maildir:{self.mail}/%n
+mail_plugins = $mail_plugins quota
+first_valid_uid = 1
+first_valid_gid = 1
+passdb {{
+  driver = passwd-file
+  args = username_format=%Ln {users}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%Ln {users}
+}}
+plugin {{
+  quota = maildir:User quota
+}}
+service lmtp {{
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {self.lmtp_port}
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service stats {{
+  unix_listener stats-reader {{
+    mode = 0600
+  }}
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+{self._extra}
+"""
+
+    def _write_users(self) -> None:
+        """passwd-file lines with uid, gid and home (``nobody``), a quota rule where asked."""
+        lines = []
+        for user, hashed in self._passwords.items():
+            extra = f"userdb_quota_rule=*:storage={self._quota[user]}" if user in self._quota else ""
+            lines.append(f"{user}:{hashed}:{self._uid}:{self._gid}::{self.mail}/{user}::{extra}\n")
+        tmp = self.users.with_name("users.tmp")
+        tmp.write_text("".join(lines))
+        tmp.chmod(0o644)
+        os.replace(tmp, self.users)
+
+    def _wait_ready(self) -> None:
+        """Until the LMTP socket greets and the IMAP port accepts."""
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        last = "no socket yet"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.process = None
+                raise DovecotUnavailable(f"dovecot exited at start: {self._tail()}")
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(2.0)
+                    sock.connect(str(self.lmtp_socket))
+                    if sock.recv(512).startswith(b"220"):
+                        socket.create_connection(("127.0.0.1", self.imap_port), 2.0).close()
+                        return
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.02)
+        self.stop()
+        raise DovecotUnavailable(f"dovecot's LMTP socket did not answer in {START_TIMEOUT}s ({last}): {self._tail()}")
+
+    def lmtp_sessions(self) -> int:
+        """LMTP connections Dovecot has logged so far."""
+        return sum(1 for line in self.log_text().splitlines() if "lmtp(" in line and "Connect from" in line)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def running_mail_store(users: Mapping[str, str], *, quota: Mapping[str, str] | None = None,
+                       tls: tuple[str, str] | None = None) -> Iterator[DovecotMail]:
+    """A started :class:`DovecotMail`; the calling test is skipped when Dovecot cannot run here
+    (``dovecot-lmtpd`` or ``dovecot-imapd`` missing among the reasons)."""
+    for binary in ("lmtp", "imap"):
+        if not os.path.exists(f"/usr/lib/dovecot/{binary}"):
+            pytest.skip(f"no real Dovecot: /usr/lib/dovecot/{binary} missing (Debian: dovecot-{binary}d)")
+    dv = DovecotMail(users, quota=quota, tls=tls)
+    try:
+        try:
+            dv.start()
+        except DovecotUnavailable as exc:
+            pytest.skip(f"no real Dovecot: {exc}")
+        yield dv
+    finally:
+        dv.close()
