@@ -12,10 +12,12 @@ import json
 import re
 import smtplib
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import wait_until
+from conftest import ROOT, wait_until, write_config
 
 BODY = (b"Subject: the whole story\r\nFrom: alice@example.test\r\nMessage-ID: <story-1@example.test>\r\n"
         b"\r\nline one\r\n")
@@ -182,3 +184,31 @@ def test_json_format_is_one_object_a_line(process_server, tmp_path):
     assert received["time"].startswith("20") and received["time"].endswith("+00:00")
     delivered = next(o for o in objects if "status=delivered" in o["message"])
     assert delivered["queue_id"] == qid and delivered["session"] == received["session"]
+
+
+REOPEN = """
+import logging, os, sys
+from pathlib import Path
+from monomail import logsetup
+from monomail.config import load
+logsetup.setup(load(Path(sys.argv[1])))
+log = logging.getLogger("monomail.test")
+log.info("before the move")
+os.rename(sys.argv[2], sys.argv[2] + ".1")
+log.info("after the move, before reopen")
+logsetup.reopen()
+log.info("after reopen")
+"""
+
+
+def test_reopen_starts_a_new_file_at_the_configured_path(tmp_path):
+    """What SIGHUP calls after logrotate moved the file (``logsetup.reopen``)."""
+    logfile = tmp_path / "log" / "mail.log"
+    path = write_config(tmp_path, log={"level": "info", "file": str(logfile)})
+    out = subprocess.run([sys.executable, "-c", REOPEN, str(path), str(logfile)], capture_output=True, text=True,
+                         timeout=30, env={"PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    old = Path(f"{logfile}.1").read_text()
+    assert "before the move" in old and "after the move, before reopen" in old and "after reopen" not in old
+    assert "after reopen" in logfile.read_text() and "before" not in logfile.read_text()
+    assert logfile.stat().st_mode & 0o777 == 0o600
