@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,9 +152,16 @@ class ProcessServer:
                 raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
                 s.recv(100)
-                return self
+                if self.state_file.exists():  # written last: the server is all there
+                    return self
             time.sleep(0.05)
         raise RuntimeError("server did not start")
+
+    @property
+    def state_file(self) -> Path:
+        """``<spool_dir>/public/monomail.pid``, which the server writes once it is started."""
+        spool = tomllib.loads(self.config_path.read_text()).get("server", {}).get("spool_dir", "var/spool")
+        return self.config_path.parent / spool / "public" / "monomail.pid"
 
     def kill(self) -> None:
         assert self.proc is not None
