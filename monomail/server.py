@@ -35,7 +35,7 @@ Limits (``limits``): connections beyond ``server.max_connections`` or, from one 
 closed: they are counted before their handshake, which asyncio's ``loop.start_tls`` does
 with a deadline); after ``auth.auth_failures`` failed AUTHs within 15 minutes every AUTH from that
 client gets ``421 4.7.0``, and each failure is logged as ``auth failed client=[ip]
-user=name mechanism=M`` (the line ``contrib/fail2ban`` matches). Deadlines: a session
+user=name session=ID mechanism=M`` (``contrib/fail2ban`` matches it). Deadlines: a session
 with no byte from the client for ``server.timeout`` is closed; each command line (and
 each AUTH response) must be complete within ``command_timeout``, the whole DATA phase
 within ``data_timeout``, else ``421 4.4.2`` and the connection is closed.
@@ -392,8 +392,8 @@ class Session(SMTP):
             login = None  # RFC 4616 §2: a user acts only as itself here
         if login is None:
             self.mm.failures.fail(self.client)
-            log.warning("auth failed client=[%s] user=%s mechanism=%s", self.peer_ip,
-                        maillog.printable(user), mechanism)
+            log.warning("auth failed client=[%s] user=%s session=%s mechanism=%s", self.peer_ip,  # (fail2ban's line)
+                        maillog.printable(user), self.session_id, mechanism)
             return self.core.answer(AUTH_INVALID)
         log.info("auth ok client=[%s] user=%s mechanism=%s", self.peer_ip, maillog.printable(login), mechanism)
         return self.core.authenticated(login)
