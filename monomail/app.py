@@ -38,13 +38,12 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import maillog, mailstore, privileges, reload
+from . import logsetup, maillog, mailstore, privileges, reload
 from .auth import Authenticator
 from .control import ReloadResult, pid_file, write_reload_result
 from .deliver import Deliverer
@@ -67,23 +66,10 @@ from .userfilter import UserFilters
 log = logging.getLogger("monomail")
 
 IO_THREADS = 32  # concurrent mailbox writes: lets fsyncs of many messages overlap
-LOG_MODE = 0o600
 
 
 def setup_logging(config: Config) -> None:
-    handler: logging.Handler
-    if config.log.file:
-        make_dirs(config.log.file.parent, 0o700)
-        # Created with our mode first: FileHandler would leave it to the umask.
-        os.close(os.open(config.log.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, LOG_MODE))
-        handler = logging.FileHandler(config.log.file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log.level.upper())
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logsetup.setup(config)  # the file, stderr or syslog of [log]; logsetup.reopen() reopens the file
 
 
 def reopen_log(config: Config) -> None:

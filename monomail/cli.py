@@ -4,11 +4,7 @@ Job: parse arguments, load the config, call the right face, map failures to exit
 0 success, 1 runtime failure, 2 bad usage or bad configuration (the error names the
 key). Every error is one line on stderr, never a traceback.
 
-``queue list`` and ``queue show`` say for each recipient not yet delivered its state
-(the mail log's words: deferred, failed), attempts, the last reply, its cause, the
-remote host and the next attempt; damaged entries are listed with why (in the spool
-still, or moved aside into ``corrupt/`` by the server). Text from the spool reaches the
-terminal with control characters escaped.
+``queue`` (list, show, flush, hold, release, delete, with filters) is ``queuecmd``'s.
 
 ``passwd USER`` sets a password in ``auth.password_file`` (``passwords.set_password``): from
 two prompts on a terminal, else from the first line of standard input.
@@ -21,24 +17,17 @@ import contextlib
 import importlib
 import os
 import sys
-import time
-from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import privileges
 from .config import load
-from .control import ask_showq, notify_server
 from .dkimsig import load_signer
 from .dnscmd import add_parser as add_dns_parser
-from .envelope import Status
-from .errors import ConfigError, CorruptEntry, SpoolBusy, SpoolError
+from .errors import ConfigError, SpoolBusy, SpoolError
 from .maillog import printable
-from .message import header_block
-from .queue import listing, recipient_lines
-from .record import QueueEntry
+from .queuecmd import add_parser as add_queue_parser
 from .settings import Config
-from .spool import Spool
 from .statuscmd import add_parser as add_status_parser
 from .tls import make_context
 
@@ -96,97 +85,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"monomail: {result.error}", file=sys.stderr)
         return 2 if result.error.startswith("config error:") else 1
     print(f"server (pid {result.pid}) read its configuration again: new sessions and deliveries use it")
-    return 0
-
-
-def cmd_queue_list(args: argparse.Namespace) -> int:
-    """The whole queue; for a user who cannot read the spool, as the running server lists it
-    (``localsubmit``'s showq socket); with neither, one line and 69 (EX_UNAVAILABLE)."""
-    config = _load(args.config)
-    spool = Spool(config.server.spool_dir)
-    try:
-        lines = listing(spool, time.time())
-    except SpoolError as exc:
-        if not isinstance(exc.__cause__, PermissionError):
-            raise
-        text = ask_showq(config)
-        if text is None:
-            print(f"monomail: mail system is down: the server is not running and the spool {spool.dir} "
-                  "cannot be read", file=sys.stderr)
-            return 69
-        sys.stdout.write(text)
-        return 0
-    sys.stdout.write("".join(f"{line}\n" for line in lines))
-    return 0
-
-
-def _spool(args: argparse.Namespace) -> tuple[Config, Spool]:
-    config = _load(args.config)
-    return config, Spool(config.server.spool_dir)
-
-
-def _signal_server(config: Config) -> str:
-    """Ask a running server to re-read the spool (SIGUSR1); say what happened."""
-    pid = notify_server(config)
-    return f"server (pid {pid}) notified" if pid else "server not running; takes effect when it starts"
-
-
-def cmd_queue_show(args: argparse.Namespace) -> int:
-    _, spool = _spool(args)
-    entry = spool.load(args.id)
-    now = time.time()
-    print(f"id:          {entry.id}")
-    print(f"sender:      <{printable(entry.sender)}>")
-    print(f"received:    {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(entry.received_at))}")
-    print(f"size:        {spool.message_size(args.id)}")
-    print(f"held:        {'yes' if entry.hold else 'no'}")
-    for r in entry.recipients:
-        extra = recipient_lines(r, now) if r.state is not Status.DELIVERED else []
-        print(f"recipient:   <{printable(r.address)}> {r.state.value}, attempts {r.attempts}"
-              + "".join(f"\n               {e}" for e in extra))
-    print()
-    data = spool.message(args.id)
-    text = header_block(data).decode("utf-8", "replace")
-    sys.stdout.write("".join(printable(line) + "\n" for line in text.splitlines()))
-    return 0
-
-
-def _release(entry: QueueEntry) -> QueueEntry:
-    """Every deferred recipient due now."""
-    return entry.updated({r.address: replace(r, next_attempt=0.0) for r in entry.deferred})
-
-
-def _edit(args: argparse.Namespace, change: str) -> int:
-    config, spool = _spool(args)
-    with spool.locked():
-        if change == "delete":
-            if not spool.exists(args.id):
-                raise SpoolError(f"no queue entry {args.id}")
-            spool.remove(args.id)
-        else:
-            entry = replace(spool.load(args.id), hold=change == "hold")
-            spool.update(_release(entry) if change == "release" else entry)
-    print(f"{args.id}: {change}d" if change != "hold" else f"{args.id}: held", "-", _signal_server(config))
-    return 0
-
-
-def cmd_queue_flush(args: argparse.Namespace) -> int:
-    config, spool = _spool(args)
-    skipped = []
-    with spool.locked():
-        ids = [args.id] if args.id else spool.ids()
-        for qid in ids:
-            try:
-                entry = spool.load(qid)
-            except CorruptEntry:
-                if args.id:
-                    raise
-                skipped.append(qid)
-                continue
-            spool.update(_release(entry))
-    count = len(ids) - len(skipped)
-    note = f" ({len(skipped)} damaged, left alone)" if skipped else ""
-    print(f"{count} entr{'y' if count == 1 else 'ies'} due now{note} -", _signal_server(config))
     return 0
 
 
@@ -280,22 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sendmail", help="submit a message, sendmail-compatible (see monomail sendmail --help)")
     sub.add_parser("deliver", help="deliver stdin to a local user, for other MTAs (see monomail deliver --help)")
     sub.add_parser("dkim", help="make a DKIM signing key: monomail dkim keygen DOMAIN (see monomail dkim --help)")
-    q = sub.add_parser("queue", help="inspect the mail queue")
-    qsub = q.add_subparsers(dest="queue_command", required=True)
-    p = qsub.add_parser("list", parents=[common], help="list queued messages")
-    p.set_defaults(func=cmd_queue_list)
-    p = qsub.add_parser("show", parents=[common], help="envelope, recipient states and headers of one entry")
-    p.add_argument("id")
-    p.set_defaults(func=cmd_queue_show)
-    p = qsub.add_parser("flush", parents=[common], help="retry now (all entries, or one)")
-    p.add_argument("id", nargs="?")
-    p.set_defaults(func=cmd_queue_flush)
-    for name, text in (("delete", "remove an entry without delivering it"),
-                       ("hold", "keep an entry without retrying it"),
-                       ("release", "undo hold and retry now")):
-        p = qsub.add_parser(name, parents=[common], help=text)
-        p.add_argument("id")
-        p.set_defaults(func=lambda a, change=name: _edit(a, change))
+    add_queue_parser(sub, common)
     return parser
 
 

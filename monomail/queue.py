@@ -198,7 +198,8 @@ class Queue:
         self, env: Envelope, data: bytes, recipients: Sequence[str] | None, finished: Mapping[str, Sequence[str]] | None
     ) -> list[Outcome]:
         try:
-            return await self.deliver(env, data, recipients, finished)
+            with maillog.about(env.id):  # lines of deliver and remote start with the queue id
+                return await self.deliver(env, data, recipients, finished)
         except Exception as exc:  # unclassified: temporary for everyone
             log.exception("%s: delivery attempt crashed", env.id)
             return [Outcome(r, Status.TEMPORARY, LOCAL_ERROR, repr(exc)) for r in recipients or env.recipients]

@@ -35,7 +35,7 @@ Limits (``limits``): connections beyond ``server.max_connections`` or, from one 
 closed: they are counted before their handshake, which asyncio's ``loop.start_tls`` does
 with a deadline); after ``auth.auth_failures`` failed AUTHs within 15 minutes every AUTH from that
 client gets ``421 4.7.0``, and each failure is logged as ``auth failed client=[ip]
-user=name mechanism=M`` (the line ``contrib/fail2ban`` matches). Deadlines: a session
+user=name session=ID mechanism=M`` (``contrib/fail2ban`` matches it). Deadlines: a session
 with no byte from the client for ``server.timeout`` is closed; each command line (and
 each AUTH response) must be complete within ``command_timeout``, the whole DATA phase
 within ``data_timeout``, else ``421 4.4.2`` and the connection is closed.
@@ -147,6 +147,7 @@ class Session(SMTP):
         self.cfg, self.tables, self.auth, self.resolver = server.config, server.tables, server.auth, server.resolver
         self.certs = certs = server.certificates  # the settings taken once: a reload is for new sessions
         self.peer_ip = "127.0.0.1"
+        self.session_id = maillog.new_session_id()  # on this connection's lines (maillog.SESSION)
         self.client = ""  # the limits' key for this client (limits.client_key)
         self.trusted = False
         self.local: LocalPeer | None = None  # the user on a local socket (SO_PEERCRED)
@@ -212,6 +213,7 @@ class Session(SMTP):
         """The handshake of a 465 connection (RFC 8314), then the session over it."""
         certs = self.certs
         assert certs is not None
+        maillog.SESSION.set(self.session_id)  # this task's, and the session's it starts
         try:
             tls = await self.loop.start_tls(raw, self, certs.front, server_side=True,
                                             ssl_handshake_timeout=self.mm.handshake_timeout)
@@ -247,6 +249,7 @@ class Session(SMTP):
         self.mm.metrics.sent(status)
 
     async def _handle_client(self) -> None:
+        maillog.SESSION.set(self.session_id)  # this task's lines, and the queue's tasks it starts
         try:
             await self._send((self.core.greeting(IDENT),))
             while self.transport is not None:
@@ -290,7 +293,10 @@ class Session(SMTP):
         except Exception as exc:  # nobody classified it: temporary
             log.error("internal error in SMTP session with [%s]: %r", self.peer_ip, exc, exc_info=exc)
             return Step((LOCAL_ERROR,))
-        if isinstance(step.refused, RouteError) or (step.refused and step.refused.reply.status.startswith("5.7")):
+        if line[:4].upper() == b"RCPT" and step.replies and step.replies[0].code >= 400:
+            core = self.core
+            maillog.refused_rcpt(line, self.peer_ip, core.helo_name, core.sender, step.replies[0], step.refused)
+        elif isinstance(step.refused, RouteError) or (step.refused and step.refused.reply.status.startswith("5.7")):
             log.info("refused %s client=[%s]: %s", maillog.printable(line[:300].rstrip(b"\r\n")),
                      self.peer_ip, maillog.printable(step.refused.detail))
         return step
@@ -393,8 +399,8 @@ class Session(SMTP):
             login = None  # RFC 4616 §2: a user acts only as itself here
         if login is None:
             self.mm.failures.fail(self.client)
-            log.warning("auth failed client=[%s] user=%s mechanism=%s", self.peer_ip,
-                        maillog.printable(user), mechanism)
+            log.warning("auth failed client=[%s] user=%s session=%s mechanism=%s", self.peer_ip,  # (fail2ban's line)
+                        maillog.printable(user), self.session_id, mechanism)
             return self.core.answer(AUTH_INVALID)
         log.info("auth ok client=[%s] user=%s mechanism=%s", self.peer_ip, maillog.printable(login), mechanism)
         return self.core.authenticated(login)
@@ -459,21 +465,21 @@ class Session(SMTP):
             verdict = await inbound.check(data, client_ip=self.peer_ip, helo=msg.helo, sender=msg.sender,
                                           config=cfg, resolver=self.resolver)
             if verdict.reply is not None:
-                log.info("refused DATA from [%s] id=%s from=<%s>: %s", self.peer_ip, qid,
+                log.info("%s: refused DATA from [%s] from=<%s>: %s", qid, self.peer_ip,
                          maillog.printable(msg.sender), maillog.printable(verdict.summary))
                 return verdict.reply
             log.log(logging.INFO if verdict.action == inbound.QUARANTINE or verdict.removed else logging.DEBUG,
-                    "checked id=%s client=[%s] action=%s: %s", qid, self.peer_ip, verdict.action,
+                    "%s: checked client=[%s] action=%s: %s", qid, self.peer_ip, verdict.action,
                     maillog.printable(verdict.summary))
             data = verdict.message
         elif submitted:  # not checked, but results claiming our name go
             data, removed = inbound.without_our_results(data, cfg.hostname)
             if removed:
-                log.info("submitted id=%s by %s: removed %d Authentication-Results claiming our name",
+                log.info("%s: submitted by %s: removed %d Authentication-Results claiming our name",
                          qid, maillog.printable(msg.login or self.peer_ip), removed)
         env = Envelope(qid, msg.sender, rcpts, now, msg.smtputf8, len(data))
         user = msg.login or (self.local.name if self.local else None)
-        maillog.received(env, client=self.peer_ip, helo=msg.helo, tls=msg.tls, user=user)
+        maillog.received(env, client=self.peer_ip, helo=msg.helo, tls=msg.tls, user=user, data=data)
         return await self.mm.queue.accept(env, data)
 
     async def _send(self, replies: tuple[Reply, ...]) -> None:
