@@ -85,29 +85,28 @@ aiosmtpd internals monomail depends on (no public way exists; tested with aiosmt
 from __future__ import annotations
 
 import asyncio
-import binascii
 import logging
 import socket
 import time
-from base64 import b64decode, b64encode
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, TLSSetupException
+from aiosmtpd.smtp import LoginPassword, TLSSetupException
 
-from . import inbound, maillog, policy, smtpread
-from .auth import Authenticator
-from .envelope import Address, Envelope, new_id
-from .errors import LOCAL_ERROR, TOO_MANY_CONNECTIONS, AuthUnavailable, Reply, RouteError
-from .limits import Connections, FailureWindow, client_key
-from .localpeer import LocalPeer, peer_of, received_local
-from .message import Content, completion_fields, received_header
-from .metrics import Metrics
-from .queue import Queue
-from .resolver import Resolver
-from .router import Tables
-from .settings import Config, Listen
-from .tls import Certificates, describe
-from .transaction import AUTH_INVALID, Message, Next, Step, Transaction, wire
+from .. import inbound, maillog, policy, smtpread
+from ..auth import Authenticator
+from ..envelope import Address, Envelope, new_id
+from ..errors import LOCAL_ERROR, TOO_MANY_CONNECTIONS, Reply, RouteError
+from ..limits import Connections, FailureWindow, client_key
+from ..localpeer import LocalPeer, peer_of, received_local
+from ..message import Content, completion_fields, received_header
+from ..metrics import Metrics
+from ..queue import Queue
+from ..resolver import Resolver
+from ..router import Tables
+from ..settings import Config, Listen
+from ..tls import Certificates, describe
+from ..transaction import Message, Next, Step, Transaction, wire
+from .authexchange import COMMAND_TIMEOUT, AuthExchange
 
 log = logging.getLogger("monomail.smtp")
 IDENT = "ESMTP monomail"
@@ -115,11 +114,7 @@ JOIN_IN_THREAD = 256 * 1024  # content larger than this is joined in a worker th
 MX, SUBMISSION, SUBMISSIONS, LOCAL = "mx", "submission", "submissions", "local"  # the kinds of listener
 
 TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
-AUTH_BLOCKED = Reply(421, "4.7.0", "Too many authentication failures, try again later")
-COMMAND_TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for a command, closing connection")
 DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout reading message data, closing connection")
-AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
-AUTH_EXCHANGE_FAILED = Reply(501, "5.5.2", "Authentication exchange failed")  # aiosmtpd said why
 
 _AIOSMTPD_LOG = logging.getLogger("mail.log")
 _AIOSMTPD_LOG.setLevel(logging.WARNING)  # aiosmtpd logs every connection at INFO
@@ -127,19 +122,13 @@ if not any(isinstance(f, maillog.PrintableFilter) for f in _AIOSMTPD_LOG.filters
     _AIOSMTPD_LOG.addFilter(maillog.PrintableFilter())
 
 
-class _TooLong(Exception):
-    """An AUTH response line longer than ``line_length_limit`` (skipped to its end)."""
-
-
 class _NoHooks:
     """aiosmtpd's handler object: monomail uses none of its hooks (the core decides)."""
 
 
-class Session(SMTP):
-    """One SMTP connection: aiosmtpd's protocol object, our command loop."""
-
-    AuthLoginUsernameChallenge = "Username:"  # what clients expect (aiosmtpd's has a NUL)
-    AuthLoginPasswordChallenge = "Password:"
+class Session(AuthExchange):
+    """One SMTP connection: aiosmtpd's protocol object, our command loop (the AUTH
+    exchange: `AuthExchange`)."""
 
     def __init__(self, server: SMTPServer, kind: str = MX) -> None:
         self.mm = server
@@ -148,6 +137,7 @@ class Session(SMTP):
         self.certs = certs = server.certificates  # the settings taken once: a reload is for new sessions
         self.peer_ip = "127.0.0.1"
         self.session_id = maillog.new_session_id()  # on this connection's lines (maillog.SESSION)
+        self.failures = server.failures  # AUTH failures per client (limits.FailureWindow)
         self.client = ""  # the limits' key for this client (limits.client_key)
         self.trusted = False
         self.local: LocalPeer | None = None  # the user on a local socket (SO_PEERCRED)
@@ -318,92 +308,6 @@ class Session(SMTP):
         self.core.tls_started(describe(self.transport.get_extra_info("ssl_object") if self.transport else None))
         self.mm.metrics.tls_started()  # metrics hook (issue 12)
         return True
-
-    async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
-        """aiosmtpd's PLAIN exchange, keeping the authzid that aiosmtpd's own drops, and
-        taking ``=`` as the empty initial response (RFC 4954 §4)."""
-        if len(args) == 1:
-            blob = await self.challenge_auth("")
-            if blob is MISSING:  # cancelled, or not base64: aiosmtpd has answered
-                return AuthResult(success=False)
-        else:
-            try:
-                blob = b"" if args[1] == "=" else b64decode(args[1], validate=True)
-            except binascii.Error:
-                await self.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
-        assert isinstance(blob, bytes)
-        parts = blob.split(b"\0")
-        if len(parts) != 3:
-            await self.push("501 5.5.2 Can't split auth value")
-            return AuthResult(success=False, handled=True)
-        self._authzid = parts[0]
-        return self._capture(self, None, None, "PLAIN", LoginPassword(parts[1], parts[2]))
-
-    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
-                             log_client_response: bool = False) -> Any:
-        """aiosmtpd's 334 round (its auth mechanisms call it): the decoded response, or
-        aiosmtpd's ``MISSING`` when it was cancelled or not base64 (and answered). The
-        line is read with `_read_line`: an over-long one raises `_TooLong` (500 5.5.6, RFC 4954 §4)."""
-        data = challenge.encode() if isinstance(challenge, str) else challenge
-        await self.push(b"334 " + (b64encode(data) if encode_to_b64 else data))
-        line = await self._read_line()
-        if line is None:
-            raise _TooLong
-        blob = line.strip()
-        if blob == b"*":
-            await self.push("501 5.7.0 Authentication cancelled")
-            return MISSING
-        try:
-            return b64decode(blob, validate=True)
-        except binascii.Error:
-            await self.push("501 5.5.2 Can't decode base64")
-            return MISSING
-
-    def _capture(self, server: object, session: object, envelope: object, mechanism: str,
-                 auth_data: object) -> AuthResult:
-        """aiosmtpd's authenticator: keep what the exchange read; `_auth_exchange` checks it."""
-        self._credentials = auth_data if isinstance(auth_data, LoginPassword) else None
-        return AuthResult(success=True, handled=True)
-
-    async def _auth_exchange(self) -> Step:
-        request = self.core.auth_request
-        assert request is not None
-        mechanism, initial = request
-        if self.mm.failures.blocked(self.client):
-            log.warning("auth blocked client=[%s]: too many failures", self.peer_ip)
-            return Step((AUTH_BLOCKED,), Next.CLOSE)
-        exchange = self.auth_PLAIN if mechanism == "PLAIN" else self.auth_LOGIN
-        self._credentials = None
-        try:
-            async with asyncio.timeout(self.cfg.server.command_timeout):
-                result = await exchange(self, [mechanism, *([initial] if initial else [])])
-        except TimeoutError:
-            return Step((COMMAND_TIMEOUT,), Next.CLOSE)
-        except _TooLong:
-            return self.core.answer(AUTH_LINE_TOO_LONG)
-        credentials, self._credentials = self._credentials, None
-        authzid, self._authzid = self._authzid.decode("utf-8", "replace"), b""
-        if not result.success or credentials is None:  # aiosmtpd has answered (501 ...)
-            return self.core.answer(AUTH_EXCHANGE_FAILED, sent=True)
-        user = credentials.login.decode("utf-8", "replace")
-        try:
-            login = await self.auth.check(user, credentials.password, client_ip=self.peer_ip)
-        except AuthUnavailable as exc:
-            log.error("auth unavailable client=[%s] user=%s: %s", self.peer_ip, maillog.printable(user),
-                      maillog.printable(exc.detail))
-            return self.core.answer(exc.reply)
-        if login is not None and authzid and authzid.lower() not in (user.lower(), login.lower()):
-            log.warning("auth refused client=[%s] user=%s authzid=%s: may not act as another user",
-                        self.peer_ip, maillog.printable(login), maillog.printable(authzid))
-            login = None  # RFC 4616 §2: a user acts only as itself here
-        if login is None:
-            self.mm.failures.fail(self.client)
-            log.warning("auth failed client=[%s] user=%s session=%s mechanism=%s", self.peer_ip,  # (fail2ban's line)
-                        maillog.printable(user), self.session_id, mechanism)
-            return self.core.answer(AUTH_INVALID)
-        log.info("auth ok client=[%s] user=%s mechanism=%s", self.peer_ip, maillog.printable(login), mechanism)
-        return self.core.authenticated(login)
 
     async def _read_content(self) -> bool:
         """Read the content to the end-of-data line, feeding the core's `Content`; False
