@@ -306,8 +306,14 @@ service auth {{
         if self.process is not None and self.process.poll() is None:
             time.sleep(int(written) + 1.01 - written)
 
+    READY = "auth socket"  # what `_ready` waits for, for the error message
+
+    def _ready(self, timeout: float) -> bool:
+        """The auth-client socket gives a full handshake (VERSION ... DONE); OSError if not yet."""
+        return _handshake_done(self.socket, timeout)
+
     def _wait_ready(self) -> None:
-        """Until the auth-client socket gives a full handshake (VERSION ... DONE)."""
+        """Until `_ready` says so, or START_TIMEOUT: DovecotUnavailable with Dovecot's own words."""
         assert self.process is not None
         deadline = time.monotonic() + START_TIMEOUT
         last = "no socket yet"
@@ -316,13 +322,13 @@ service auth {{
                 self.process = None
                 raise DovecotUnavailable(f"dovecot exited at start: {self._tail()}")
             try:
-                if _handshake_done(self.socket, deadline - time.monotonic()):
+                if self._ready(max(deadline - time.monotonic(), 0.1)):
                     return
             except OSError as exc:
                 last = str(exc)
             time.sleep(0.02)
         self.stop()
-        raise DovecotUnavailable(f"dovecot's auth socket did not answer in {START_TIMEOUT}s ({last}): {self._tail()}")
+        raise DovecotUnavailable(f"dovecot's {self.READY} did not answer in {START_TIMEOUT}s ({last}): {self._tail()}")
 
     def _tail(self) -> str:
         try:
@@ -476,27 +482,17 @@ service stats {{
         tmp.chmod(0o644)
         os.replace(tmp, self.users)
 
-    def _wait_ready(self) -> None:
-        """Until the LMTP socket greets and the IMAP port accepts."""
-        assert self.process is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        last = "no socket yet"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.process = None
-                raise DovecotUnavailable(f"dovecot exited at start: {self._tail()}")
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                    sock.settimeout(2.0)
-                    sock.connect(str(self.lmtp_socket))
-                    if sock.recv(512).startswith(b"220"):
-                        socket.create_connection(("127.0.0.1", self.imap_port), 2.0).close()
-                        return
-            except OSError as exc:
-                last = str(exc)
-            time.sleep(0.02)
-        self.stop()
-        raise DovecotUnavailable(f"dovecot's LMTP socket did not answer in {START_TIMEOUT}s ({last}): {self._tail()}")
+    READY = "LMTP socket"
+
+    def _ready(self, timeout: float) -> bool:
+        """The LMTP socket greets and the IMAP port accepts; OSError if not yet."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2.0)
+            sock.connect(str(self.lmtp_socket))
+            if not sock.recv(512).startswith(b"220"):
+                return False
+        socket.create_connection(("127.0.0.1", self.imap_port), 2.0).close()
+        return True
 
     def lmtp_sessions(self) -> int:
         """LMTP connections Dovecot has logged so far."""
