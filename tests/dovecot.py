@@ -209,8 +209,9 @@ class DovecotAuth:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
-        """The first log line containing ``text``, waiting for Dovecot's log process to write it."""
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> str:
+        """The first log line containing ``text``, waiting for Dovecot's log process to write it
+        (it writes late on a loaded machine: a CI run once waited over 5 s)."""
         deadline = time.monotonic() + timeout
         while True:
             for line in self.log_text().splitlines():
