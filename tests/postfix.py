@@ -147,13 +147,15 @@ _DELIVERY_RE = re.compile(r"postfix[^:]*/smtp\[\d+\]: ([0-9A-F]+): to=<([^>]*)>,
 class PostfixPeer:
     """A private Postfix instance on ``host:port`` (``port=0``: a free one) relaying to ``relayhost``.
 
-    ``main`` adds or overrides main.cf parameters (e.g. ``{"smtp_tls_security_level": "may"}``).
+    ``main`` adds or overrides main.cf parameters (e.g. ``{"smtp_tls_security_level": "may"}``);
+    ``services`` adds master.cf lines (each ending in a newline).
     ``base`` is the directory under which ``config/``, ``queue/``, ``data/`` and ``maillog`` go
     (a fresh temp dir when None). After :meth:`start`, :attr:`port` is where it listens.
     """
 
     def __init__(self, relayhost: tuple[str, int], *, base: Path | None = None, host: str = "127.0.0.1",
-                 port: int = 0, main: dict[str, str] | None = None, name: str = "postfix-peer") -> None:
+                 port: int = 0, main: dict[str, str] | None = None, name: str = "postfix-peer",
+                 services: str = "") -> None:
         if not host.startswith("127."):
             raise ValueError(f"a Postfix test peer listens on 127.0.0.x only, not {host!r}")
         if not relayhost[0].startswith("127."):
@@ -163,6 +165,7 @@ class PostfixPeer:
         self.port = port
         self.name = name
         self.extra = dict(main or {})
+        self.services = services  # more master.cf lines (e.g. the virtual delivery agent)
         self._own_base = base is None
         self.base = Path(base) if base is not None else Path(tempfile.mkdtemp(prefix="postfix-peer-"))
         self.config_dir = self.base / "config"
@@ -240,7 +243,8 @@ class PostfixPeer:
                     os.chmod(d, mode | 0o001)
         lines = [f"{k} = {v}" for k, v in self.main_cf().items()]
         (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
-        (self.config_dir / "master.cf").write_text(_MASTER_CF.format(listen=f"{self.host}:{self.port}"))
+        (self.config_dir / "master.cf").write_text(_MASTER_CF.format(listen=f"{self.host}:{self.port}")
+                                                  + self.services)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
