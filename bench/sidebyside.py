@@ -36,6 +36,7 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -56,7 +57,6 @@ from _common import (
     finite,
     free_port,
     loop_name,
-    new_parser,
     progress,
     run_benchmark,
     start_server,
@@ -371,9 +371,11 @@ async def amain(args: Any, workdir: Path, procs: list[subprocess.Popen[bytes]],
     return 0 if ok else 1
 
 
-def parse_args(argv: list[str] | None = None) -> Any:
-    p = new_parser(__doc__)
-    p.set_defaults(messages=3000)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=3000, help="messages per measurement (default 3000)")
+    p.add_argument("--sessions", type=int, default=10, help="smtp-source sessions, -s (default 10)")
+    p.add_argument("--size", type=int, default=2048, help="approximate message size in bytes (default 2048)")
     p.add_argument("--rounds", type=int, default=2, help="rounds; the median is reported (default 2)")
     p.add_argument("--warmup", type=int, default=100, help="untimed messages per server and case (default 100)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="bound of one measurement (default 120)")
@@ -381,8 +383,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--no-postfix", action="store_true", help="measure monomail alone")
     add_output_options(p, "keep the temporary directory (configs, logs, Maildirs)")
     args = p.parse_args(argv)
-    if args.messages < 1 or args.sessions < 1 or args.rounds < 1 or args.warmup < 0:
-        p.error("--messages, --sessions, --rounds must be at least 1, --warmup not negative")
+    if args.messages < 1 or args.sessions < 1 or args.rounds < 1 or args.warmup < 0 or args.size < 512:
+        p.error("--messages, --sessions, --rounds must be at least 1, --warmup not negative, --size at least 512")
     args.cases = [c for c in CASES if c in (args.cases or CASES)]
     return args
 
