@@ -74,6 +74,21 @@ def write_config(directory: Path, **overrides: Any) -> Path:
     return path
 
 
+def privileged_ports(n: int) -> list[int]:
+    """``n`` free ports below 1024 on 127.0.0.1 (binding them needs root); the test skips if there are none."""
+    found = []
+    for port in range(700, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            found.append(port)
+            if len(found) == n:
+                return found
+    pytest.skip("no free ports below 1024")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -52,6 +52,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -353,10 +354,11 @@ def _handshake_done(path: Path, timeout: float) -> bool:
         return True
 
 
-@contextlib.contextmanager
-def running_dovecot(users: Mapping[str, str] | None = None, *, extra_config: str = "") -> Iterator[DovecotAuth]:
-    """A started :class:`DovecotAuth`; the calling test is skipped when Dovecot cannot run here."""
-    dv = DovecotAuth(users, extra_config=extra_config)
+D = TypeVar("D", bound=DovecotAuth)
+
+
+def _started(dv: D) -> Iterator[D]:
+    """``dv`` started for the test and closed after it; the test is skipped when Dovecot cannot run here."""
     try:
         try:
             dv.start()
@@ -365,6 +367,12 @@ def running_dovecot(users: Mapping[str, str] | None = None, *, extra_config: str
         yield dv
     finally:
         dv.close()
+
+
+@contextlib.contextmanager
+def running_dovecot(users: Mapping[str, str] | None = None, *, extra_config: str = "") -> Iterator[DovecotAuth]:
+    """A started :class:`DovecotAuth`; the calling test is skipped when Dovecot cannot run here."""
+    yield from _started(DovecotAuth(users, extra_config=extra_config))
 
 
 @pytest.fixture
@@ -522,12 +530,4 @@ def running_mail_store(users: Mapping[str, str], *, quota: Mapping[str, str] | N
     for binary in ("lmtp", "imap"):
         if not os.path.exists(f"/usr/lib/dovecot/{binary}"):
             pytest.skip(f"no real Dovecot: /usr/lib/dovecot/{binary} missing (Debian: dovecot-{binary}d)")
-    dv = DovecotMail(users, quota=quota, tls=tls)
-    try:
-        try:
-            dv.start()
-        except DovecotUnavailable as exc:
-            pytest.skip(f"no real Dovecot: {exc}")
-        yield dv
-    finally:
-        dv.close()
+    yield from _started(DovecotMail(users, quota=quota, tls=tls))

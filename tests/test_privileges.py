@@ -22,25 +22,14 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import ROOT, base_config, cli
-
-
-def _privileged_port() -> int:
-    for port in range(700, 1000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip("no free port below 1024")
+from conftest import ROOT, base_config, cli, privileged_ports
 
 
 def _setup(unix_account: Any) -> tuple[Any, Path, int]:
     user = unix_account()
     folder = Path(user.pw_dir) / "srv"  # not under tmp_path: root's 0700 folder
     folder.mkdir(mode=0o755)
-    port = _privileged_port()
+    port = privileged_ports(1)[0]
     cfg = base_config(server={"listen": [f"127.0.0.1:{port}"], "user": user.pw_name})
     (folder / "monomail.toml").write_text(tomli_w.dumps(cfg))
     return user, folder, port

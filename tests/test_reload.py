@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import ROOT, base_config, cli, free_port, wait_until, write_config
+from conftest import ROOT, base_config, cli, free_port, privileged_ports, wait_until, write_config
 
 from monomail.config import load
 from monomail.reload import keep_restart_only
@@ -228,25 +228,11 @@ def test_keep_restart_only_names_each_key_and_keeps_the_old_value(tmp_path: Path
     assert same == old and none == ()
 
 
-def _privileged_ports(n: int) -> list[int]:
-    found = []
-    for port in range(700, 1000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            found.append(port)
-            if len(found) == n:
-                return found
-    pytest.skip("no free ports below 1024")
-
-
 def test_a_privileged_port_after_giving_up_root_is_logged_and_the_rest_is_kept(unix_account: Any):
     user = unix_account()
     folder = Path(user.pw_dir) / "srv"  # not under tmp_path: root's 0700 folder
     folder.mkdir(mode=0o755)
-    port, privileged = _privileged_ports(2)
+    port, privileged = privileged_ports(2)
     config = folder / "monomail.toml"
     config.write_text(tomli_w.dumps(base_config(server={"listen": [f"127.0.0.1:{port}"], "user": user.pw_name})))
     log = folder / "server.log"
