@@ -281,7 +281,9 @@ def test_after_the_drop_to_server_user_the_public_corner_is_that_users(site: Sit
     assert {p.lstat().st_uid for p in site.spool.iterdir()} == {site.other.pw_uid}
     again = site.start()  # (it would refuse a spool holding root's files)
     try:
-        wait_until(lambda: (site.base / "mail" / "bob").exists() and not site.drop_files())
+        # (the mbox is created empty, then appended: wait for the message, not the file)
+        wait_until(lambda: (site.base / "mail" / "bob").exists() and len(mailbox.mbox(site.base / "mail" / "bob")) == 1
+                   and not site.drop_files())
     except AssertionError:
         raise AssertionError(again.log.read_text()[-3000:]) from None
     [msg] = mailbox.mbox(site.base / "mail" / "bob")
