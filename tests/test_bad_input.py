@@ -752,3 +752,23 @@ def test_pipelined_batch(serve: Any) -> None:
     carol = mailbox.Maildir(server.config.local.mail_dir / "carol", factory=None, create=False)
     assert [mark1 in carol.get_bytes(k) for k in carol.iterkeys()] == [True]
     assert_serving(server)
+
+
+def test_a_whole_session_in_one_write_then_half_closed_is_answered_to_the_end(serve: Any) -> None:
+    """A client that writes everything, QUIT included, and shuts its side at once: the
+    message is delivered and every reply, the 221 last, still comes (issue 13: commands
+    are decided as they arrive, and the end of DATA waits for the queue in a task)."""
+    server = serve()
+    mark = marker()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as s:
+        s.sendall(b"EHLO client.test\r\nMAIL FROM:<sender@client.test>\r\nRCPT TO:<alice@example.test>\r\n"
+                  b"DATA\r\n" + msg(mark) + b".\r\nQUIT\r\n")
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    codes = [line[:4] for line in got.split(b"\r\n") if line]
+    assert codes[0] == b"220 " and codes[-4:] == [b"250 ", b"354 ", b"250 ", b"221 "], got
+    assert b"250 2.0.0" in got
+    assert [mark in m for m in alice_messages(server)] == [True]
+    assert_serving(server)

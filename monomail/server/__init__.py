@@ -68,6 +68,7 @@ __all__ = ["IDENT", "LOCAL", "MX", "SUBMISSION", "SUBMISSIONS", "SMTPServer", "S
 
 log = logging.getLogger("monomail.smtp")
 
+TRUSTED_CACHE = 4096  # client addresses whose trust is remembered
 TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 
 
@@ -102,6 +103,7 @@ class SMTPServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._serving = True
         self._sweeper: asyncio.Task[None] | None = None
+        self._trusted: tuple[Config, dict[str, bool]] = (config, {})
         self.metrics = Metrics()  # counters (issue 12); app serves them when [metrics] is on
 
     @property
@@ -165,7 +167,7 @@ class SMTPServer:
         """A new connection: count it, or the 421 that refuses it (nothing counted then)."""
         if len(self.sessions) >= self.config.server.max_connections:
             return TOO_MANY_CONNECTIONS
-        session.trusted = session.kind == LOCAL or policy.is_trusted(session.peer_ip, self.config)
+        session.trusted = session.kind == LOCAL or self._is_trusted(session.peer_ip)
         session.client = session.peer_ip if session.kind == LOCAL else client_key(session.peer_ip)
         if not session.trusted and not self.per_client.open(session.client):
             log.info("refused connection from [%s]: %d connections from it already", session.peer_ip,
@@ -173,6 +175,17 @@ class SMTPServer:
             return TOO_MANY_FROM_CLIENT
         self.sessions.add(session)
         return None
+
+    def _is_trusted(self, peer_ip: str) -> bool:
+        """`policy.is_trusted`, remembered per address for the config in force (a reload
+        starts afresh); at most `TRUSTED_CACHE` addresses are kept."""
+        cache = self._trusted
+        if cache[0] is not self.config or len(cache[1]) >= TRUSTED_CACHE:
+            cache = self._trusted = (self.config, {})
+        known = cache[1].get(peer_ip)
+        if known is None:
+            known = cache[1][peer_ip] = policy.is_trusted(peer_ip, self.config)
+        return known
 
     def release(self, session: Session) -> bool:
         """A connection ended; False if it was never admitted."""
