@@ -399,7 +399,11 @@ async def count_syncs(server: Server, case: str, messages: int, args: Any, messa
         cmd += ["-p", str(pid)]
     with log.open("wb") as logf:
         strace = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
-    closers.insert(0, lambda: stop_strace(strace))  # on an abort, detach before the servers are stopped
+
+    def detach() -> None:
+        stop_strace(strace)
+
+    closers.insert(0, detach)  # on an abort, detach before the servers are stopped
     note, arrived = "", 0
     try:
         deadline = time.monotonic() + 20
@@ -603,9 +607,9 @@ async def amain(args: Any, workdir: Path, procs: list[subprocess.Popen[bytes]],
         print_table(rows, rat, args.cases)
     if postfix_note:
         print(postfix_note)
-    for r in runs:
-        if not r.ok:
-            print(f"  FAILED {r.server}/{r.case}: {r.note}")
+    for failed in runs:
+        if not failed.ok:
+            print(f"  FAILED {failed.server}/{failed.case}: {failed.note}")
     if syncs:
         print_syncs(syncs, args.strace_messages)
     print(", ".join(f"{LABELS[name]}: exit {code}" for name, code in exits.items())
