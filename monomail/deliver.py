@@ -70,7 +70,7 @@ from .message import delivery_headers, header_block
 from .remote import Transport
 from .resolver import BlockingLookup
 from .rewrite import forward_sender, masquerade_address, masquerade_headers
-from .router import Destination, ListPost, Mailbox, Remote, Tables, resolve
+from .router import Destination, ListPost, Mailbox, Remote, Tables, routes
 from .settings import Account, Config, LMTPTarget
 from .userfilter import UserFilters
 
@@ -142,7 +142,7 @@ class Deliverer:
         jobs: dict[str, Destination] = {}
         for rcpt in recipients:
             try:
-                dests = resolve(Address.from_str(rcpt), self.config, self.tables)
+                dests = routes(Address.from_str(rcpt), self.config, self.tables)  # as at RCPT time
             except RouteError as exc:
                 refused[rcpt] = exc
                 continue
@@ -175,7 +175,8 @@ class Deliverer:
 
     async def _run(self, jobs: dict[str, Destination], env: Envelope, data: bytes) -> dict[str, _Result]:
         """Run every transport job at once; a result per destination key."""
-        looped = _list_ids(data)
+        # the List-Ids already on the message, looked for only when a copy goes out for a list
+        looped = _list_ids(data) if any(d.via.list_id for d in jobs.values()) else set()
         results: dict[str, _Result] = {}
         work = []
         remote: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Remote]] = {}

@@ -93,15 +93,14 @@ class Metrics:
         self.received = Counter("monomail_messages_received", "Messages accepted for delivery", registry=r)
         self.deliveries = Counter("monomail_deliveries", "Recipients' delivery outcomes, by transport and status",
                                   ["transport", "status"], registry=r)
-        for transport in TRANSPORTS:
-            for status in STATUSES.values():
-                self.deliveries.labels(transport, status)
+        # the labelled children, looked up once (``labels()`` per event costs the loop)
+        self._deliveries = {(transport, status): self.deliveries.labels(transport, status)
+                            for transport in TRANSPORTS for status in STATUSES.values()}
         self.queue_messages = Gauge("monomail_queue_messages", "Entries in the queue now", registry=r)
         self.smtp_sessions = Gauge("monomail_smtp_sessions", "SMTP sessions open now", registry=r)
         self.replies = Counter("monomail_smtp_replies", "Replies sent to SMTP clients, by class",
                                ["code_class"], registry=r)
-        for cls in CODE_CLASSES:
-            self.replies.labels(cls)
+        self._replies = {cls[:1].encode(): self.replies.labels(cls) for cls in CODE_CLASSES}  # b"2" -> 2xx
         self.delivery_seconds = Histogram("monomail_delivery_seconds", "Duration of one delivery attempt of a message",
                                           buckets=DELIVERY_BUCKETS, registry=r)
         self.tls_sessions = Counter("monomail_tls_sessions", "SMTP sessions that started TLS", registry=r)
@@ -115,12 +114,21 @@ class Metrics:
         if event == "received":
             self.received.inc()
         elif event == "outcome" and isinstance(subject, Outcome):
-            self.deliveries.labels(transport_of(subject), STATUSES.get(subject.status, "deferred")).inc()
+            key = (transport_of(subject), STATUSES.get(subject.status, "deferred"))
+            child = self._deliveries.get(key)
+            (child if child is not None else self.deliveries.labels(*key)).inc()
 
     def sent(self, data: bytes | str) -> None:
         """What the SMTP server wrote to a client: its replies, by class."""
-        for code in reply_codes(data):
-            self.replies.labels(f"{code[:1].decode()}xx").inc()
+        if isinstance(data, str):
+            data = data.encode("utf-8", "replace")
+        if b"\n" not in data:  # one line, the common case: `reply_codes` without the split
+            line = data.rstrip(b"\r")
+            codes = [line[:3]] if line[:3].isdigit() and line[:1] in b"2345" and line[3:4] in (b"", b" ") else []
+        else:
+            codes = reply_codes(data)
+        for code in codes:
+            self._replies[code[:1]].inc()
             if code == AUTH_INVALID_CODE:
                 self.auth_failures.inc()
 
