@@ -55,6 +55,8 @@ DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 MAX_REQUEST = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0  # seconds for the whole request
 MAX_CLIENTS = 16  # scrapers at once; more are closed at once
+SENT_MEMO = 512  # distinct replies whose counting `Metrics.sent` keeps
+SENT_MEMO_LENGTH = 512  # longest reply kept so
 
 _PREFIXES = (("maildir", "maildir"), ("mbox", "mbox"), ("lmtp", "lmtp"), ("remote", "smtp"), ("pipe", "pipe"))
 
@@ -101,6 +103,7 @@ class Metrics:
         self.replies = Counter("monomail_smtp_replies", "Replies sent to SMTP clients, by class",
                                ["code_class"], registry=r)
         self._replies = {cls[:1].encode(): self.replies.labels(cls) for cls in CODE_CLASSES}  # b"2" -> 2xx
+        self._sent: dict[bytes | str, tuple[Any, ...]] = {}  # a reply as written -> the counters it moves
         self.delivery_seconds = Histogram("monomail_delivery_seconds", "Duration of one delivery attempt of a message",
                                           buckets=DELIVERY_BUCKETS, registry=r)
         self.tls_sessions = Counter("monomail_tls_sessions", "SMTP sessions that started TLS", registry=r)
@@ -119,18 +122,23 @@ class Metrics:
             (child if child is not None else self.deliveries.labels(*key)).inc()
 
     def sent(self, data: bytes | str) -> None:
-        """What the SMTP server wrote to a client: its replies, by class."""
-        if isinstance(data, str):
-            data = data.encode("utf-8", "replace")
-        if b"\n" not in data:  # one line, the common case: `reply_codes` without the split
-            line = data.rstrip(b"\r")
-            codes = [line[:3]] if line[:3].isdigit() and line[:1] in b"2345" and line[3:4] in (b"", b" ") else []
-        else:
-            codes = reply_codes(data)
-        for code in codes:
-            self._replies[code[:1]].inc()
+        """What the SMTP server wrote to a client: its replies, by class. Most replies are
+        the same few strings: what each counts is kept (up to `SENT_MEMO` of them)."""
+        counts = self._sent.get(data)
+        if counts is None:
+            counts = self._counts(data)
+            if len(self._sent) < SENT_MEMO and len(data) <= SENT_MEMO_LENGTH:
+                self._sent[data] = counts
+        for counter in counts:
+            counter.inc()
+
+    def _counts(self, data: bytes | str) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for code in reply_codes(data):
+            out.append(self._replies[code[:1]])
             if code == AUTH_INVALID_CODE:
-                self.auth_failures.inc()
+                out.append(self.auth_failures)
+        return tuple(out)
 
     def tls_started(self) -> None:
         self.tls_sessions.inc()
