@@ -94,6 +94,9 @@ class _Result:
     spawns: tuple[Spawn, ...] = ()
 
 
+_EARLIER = _Result(DELIVERED, "delivered by an earlier attempt")
+
+
 @dataclass
 class _MboxBatch:
     items: list[mailstore.MboxItem] = field(default_factory=list)
@@ -137,7 +140,7 @@ class Deliverer:
         the destination keys an earlier attempt already delivered (skipped now)."""
         recipients = env.recipients if recipients is None else recipients
         finished = finished or {}
-        routed: dict[str, tuple[Destination, ...]] = {}
+        routed: dict[str, list[str]] = {}  # recipient -> its destinations' keys
         refused: dict[str, RouteError] = {}
         jobs: dict[str, Destination] = {}
         for rcpt in recipients:
@@ -146,11 +149,11 @@ class Deliverer:
             except RouteError as exc:
                 refused[rcpt] = exc
                 continue
-            routed[rcpt] = dests
-            skip = set(finished.get(rcpt, ()))
-            for d in dests:
-                if d.key not in skip:
-                    jobs.setdefault(d.key, d)
+            keys = routed[rcpt] = [d.key for d in dests]
+            skip = finished.get(rcpt, ())
+            for key, d in zip(keys, dests, strict=True):
+                if key not in skip:
+                    jobs.setdefault(key, d)
         results = await self._run(jobs, env, data)
         outcomes = []
         for rcpt in recipients:
@@ -159,12 +162,13 @@ class Deliverer:
                 status = Status.TEMPORARY if refusal.reply.temporary else Status.PERMANENT  # a :defer: alias
                 outcomes.append(Outcome(rcpt, status, refusal.reply, refusal.detail))
                 continue
-            dests = routed[rcpt]
-            done = tuple(d.key for d in dests if results[d.key].reply.code < 300)
-            failed = [results[d.key] for d in dests if results[d.key].reply.code >= 300]
-            spawned = tuple(s for d in dests for s in results[d.key].spawns)
+            skip = finished.get(rcpt, ())  # written by an earlier attempt: done, not tried again
+            mine = [(key, _EARLIER if key in skip else results[key]) for key in routed[rcpt]]
+            done = tuple(key for key, r in mine if r.reply.code < 300)
+            failed = [r for _, r in mine if r.reply.code >= 300]
+            spawned = tuple(s for _, r in mine for s in r.spawns)
             if not failed:
-                where = ", ".join(results[d.key].detail for d in dests)
+                where = ", ".join(r.detail for _, r in mine)
                 outcomes.append(Outcome(rcpt, Status.DELIVERED, DELIVERED, where, done, spawned=spawned))
                 continue
             # One answer per original recipient: temporary wins (retry), then permanent.
