@@ -123,7 +123,13 @@ class Metrics:
 
     def sent(self, data: bytes | str) -> None:
         """What the SMTP server wrote to a client: its replies, by class. Most replies are
-        the same few strings: what each counts is kept (up to `SENT_MEMO` of them)."""
+        the same few strings: what each counts is kept (up to `SENT_MEMO` of them). A reply
+        of one line without CR counts by its first four characters alone (``250 ``)."""
+        if isinstance(data, str):
+            if "\n" not in data and "\r" not in data:
+                data = data[:4]
+        elif b"\n" not in data and b"\r" not in data:
+            data = data[:4]
         counts = self._sent.get(data)
         if counts is None:
             counts = self._counts(data)
