@@ -30,8 +30,9 @@ last reply, its cause and remote host); `apply_outcome` is the one place an atte
 
 Error handling: a spool write that fails turns into ``451 4.3.0`` for the client. Any
 exception out of the deliver function counts as a temporary failure of every recipient
-it was given. Accept work runs in tasks the queue owns, shielded from the SMTP session,
-so a client that hangs up cannot tear a delivery in half; `close` waits for them.
+it was given. Accept work runs in one task per message that the queue owns and that
+answers the SMTP session through a future (the cut-through budget is a timer in it), so
+a client that hangs up cannot tear a delivery in half; `close` waits for them.
 Record updates take the spool lock and re-read the record, so ``monomail queue``
 commands (hold, delete) made while a delivery runs are kept. A record that cannot be
 read now (EMFILE, EIO) is retried later, never dropped from the schedule; a damaged one
