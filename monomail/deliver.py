@@ -53,14 +53,16 @@ the same for the log line with the queue id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from . import accounts, dkimsig, lmtp, mailstore, userchild
 from .envelope import Address, Envelope, Outcome, Spawn, Status
@@ -70,7 +72,7 @@ from .message import delivery_headers, header_block
 from .remote import Transport
 from .resolver import BlockingLookup
 from .rewrite import forward_sender, masquerade_address, masquerade_headers
-from .router import Destination, ListPost, Mailbox, Remote, Tables, resolve
+from .router import Destination, ListPost, Mailbox, Remote, Tables, routes
 from .settings import Account, Config, LMTPTarget
 from .userfilter import UserFilters
 
@@ -82,6 +84,7 @@ JUNK = ".Junk"  # a Maildir user's folder for quarantined mail (Maildir++: <mail
 _LIST_ID = re.compile(rb"^List-Id:[^\n]*<([^>\n]+)>", re.IGNORECASE | re.MULTILINE)
 
 log = logging.getLogger("monomail.deliver")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,9 @@ class _Result:
     spawns: tuple[Spawn, ...] = ()
 
 
+_EARLIER = _Result(DELIVERED, "delivered by an earlier attempt")
+
+
 @dataclass
 class _MboxBatch:
     items: list[mailstore.MboxItem] = field(default_factory=list)
@@ -103,6 +109,39 @@ class _MboxBatch:
 def _list_ids(data: bytes) -> set[str]:
     """List-Id values in the message's header section (the list loop guard)."""
     return {m.decode("ascii", "replace").lower() for m in _LIST_ID.findall(header_block(data))}
+
+
+def _settle(fut: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)  # type: ignore[arg-type]  # (None only with exc)
+
+
+def in_thread(executor: Executor, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``loop.run_in_executor(executor, fn, *args)`` with less on the event loop: the
+    worker thread hands the result straight back (``call_soon_threadsafe``), without a
+    second future chained to the executor's. A job whose waiter was cancelled before it
+    started is not run, as with ``run_in_executor``."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        if fut.cancelled():  # (a read of the future's state from this thread: at worst one job too many)
+            return
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            outcome: tuple[T | None, BaseException | None] = (None, exc)
+        else:
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_settle, fut, *outcome)
+
+    executor.submit(run)
+    return fut
 
 
 def _header_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
@@ -137,20 +176,20 @@ class Deliverer:
         the destination keys an earlier attempt already delivered (skipped now)."""
         recipients = env.recipients if recipients is None else recipients
         finished = finished or {}
-        routed: dict[str, tuple[Destination, ...]] = {}
+        routed: dict[str, list[str]] = {}  # recipient -> its destinations' keys
         refused: dict[str, RouteError] = {}
         jobs: dict[str, Destination] = {}
         for rcpt in recipients:
             try:
-                dests = resolve(Address.from_str(rcpt), self.config, self.tables)
+                dests = routes(Address.from_str(rcpt), self.config, self.tables)  # as at RCPT time
             except RouteError as exc:
                 refused[rcpt] = exc
                 continue
-            routed[rcpt] = dests
-            skip = set(finished.get(rcpt, ()))
-            for d in dests:
-                if d.key not in skip:
-                    jobs.setdefault(d.key, d)
+            keys = routed[rcpt] = [d.key for d in dests]
+            skip = finished.get(rcpt, ())
+            for key, d in zip(keys, dests, strict=True):
+                if key not in skip:
+                    jobs.setdefault(key, d)
         results = await self._run(jobs, env, data)
         outcomes = []
         for rcpt in recipients:
@@ -159,12 +198,13 @@ class Deliverer:
                 status = Status.TEMPORARY if refusal.reply.temporary else Status.PERMANENT  # a :defer: alias
                 outcomes.append(Outcome(rcpt, status, refusal.reply, refusal.detail))
                 continue
-            dests = routed[rcpt]
-            done = tuple(d.key for d in dests if results[d.key].reply.code < 300)
-            failed = [results[d.key] for d in dests if results[d.key].reply.code >= 300]
-            spawned = tuple(s for d in dests for s in results[d.key].spawns)
+            skip = finished.get(rcpt, ())  # written by an earlier attempt: done, not tried again
+            mine = [(key, _EARLIER if key in skip else results[key]) for key in routed[rcpt]]
+            done = tuple(key for key, r in mine if r.reply.code < 300)
+            failed = [r for _, r in mine if r.reply.code >= 300]
+            spawned = tuple(s for _, r in mine for s in r.spawns)
             if not failed:
-                where = ", ".join(results[d.key].detail for d in dests)
+                where = ", ".join(r.detail for _, r in mine)
                 outcomes.append(Outcome(rcpt, Status.DELIVERED, DELIVERED, where, done, spawned=spawned))
                 continue
             # One answer per original recipient: temporary wins (retry), then permanent.
@@ -175,7 +215,8 @@ class Deliverer:
 
     async def _run(self, jobs: dict[str, Destination], env: Envelope, data: bytes) -> dict[str, _Result]:
         """Run every transport job at once; a result per destination key."""
-        looped = _list_ids(data)
+        # the List-Ids already on the message, looked for only when a copy goes out for a list
+        looped = _list_ids(data) if any(d.via.list_id for d in jobs.values()) else set()
         results: dict[str, _Result] = {}
         work = []
         remote: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Remote]] = {}
@@ -241,7 +282,7 @@ class Deliverer:
                 if quarantined(data):  # into <maildir>/.Junk (mbox: the flag is in the message)
                     folder = dest.path / JUNK
                     await loop.run_in_executor(self.executor, mailstore.ensure_maildir, dest.path)
-                await loop.run_in_executor(self.executor, mailstore.deliver_maildir, folder, chunks)
+                await in_thread(self.executor, mailstore.deliver_maildir, folder, chunks)
             else:
                 # a whole-message scan: off the event loop (DESIGN invariant 9)
                 chunks[1] = await asyncio.get_running_loop().run_in_executor(self.executor, mailstore.mbox_quote, data)

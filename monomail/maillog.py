@@ -103,25 +103,28 @@ def received(env: Envelope, *, client: str, helo: str, tls: str = "", user: str 
              data: bytes | None = None) -> None:
     """``tls`` is the session's version and cipher; ``user`` the authenticated login;
     ``data`` the message, for its Message-ID. The connection's session id (`SESSION`) is
-    named on the line."""
-    extra = (f" tls={tls.replace(' ', ':')}" if tls else "") + (f" user={printable(user)}" if user else "")
-    if session := SESSION.get():
-        extra += f" session={session}"
-    if data is not None:
-        extra += f" message-id={message_id(data) or '(none)'}"
-    log.info(
-        "%s: received from=<%s> size=%d nrcpt=%d client=[%s] helo=%s%s",
-        env.id, printable(env.sender), env.size, len(env.recipients), client, printable(helo), extra,
-    )
+    named on the line. Nothing is formatted (nor the Message-ID looked for) when the
+    level leaves the line out."""
+    if log.isEnabledFor(logging.INFO):
+        extra = (f" tls={tls.replace(' ', ':')}" if tls else "") + (f" user={printable(user)}" if user else "")
+        if session := SESSION.get():
+            extra += f" session={session}"
+        if data is not None:
+            extra += f" message-id={message_id(data) or '(none)'}"
+        log.info(
+            "%s: received from=<%s> size=%d nrcpt=%d client=[%s] helo=%s%s",
+            env.id, printable(env.sender), env.size, len(env.recipients), client, printable(helo), extra,
+        )
     for observer in tuple(observers):
         observer("received", env)
 
 
 def outcome(qid: str, o: Outcome, *, attempt: int = 1) -> None:
     level = logging.INFO if o.status is Status.DELIVERED else logging.WARNING
-    relay = f" relay={printable(o.remote_host)}" if o.remote_host else ""
-    log.log(level, "%s: to=<%s> status=%s%s attempt=%d reply=%s (%s)", qid, printable(o.recipient),
-            o.status.value, relay, attempt, printable(str(o.reply)), printable(o.detail))
+    if log.isEnabledFor(level):  # else nothing to format
+        relay = f" relay={printable(o.remote_host)}" if o.remote_host else ""
+        log.log(level, "%s: to=<%s> status=%s%s attempt=%d reply=%s (%s)", qid, printable(o.recipient),
+                o.status.value, relay, attempt, printable(str(o.reply)), printable(o.detail))
     for observer in tuple(observers):
         observer("outcome", o)
 

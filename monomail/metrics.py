@@ -55,6 +55,8 @@ DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 MAX_REQUEST = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0  # seconds for the whole request
 MAX_CLIENTS = 16  # scrapers at once; more are closed at once
+SENT_MEMO = 512  # distinct replies whose counting `Metrics.sent` keeps
+SENT_MEMO_LENGTH = 512  # longest reply kept so
 
 _PREFIXES = (("maildir", "maildir"), ("mbox", "mbox"), ("lmtp", "lmtp"), ("remote", "smtp"), ("pipe", "pipe"))
 
@@ -93,15 +95,15 @@ class Metrics:
         self.received = Counter("monomail_messages_received", "Messages accepted for delivery", registry=r)
         self.deliveries = Counter("monomail_deliveries", "Recipients' delivery outcomes, by transport and status",
                                   ["transport", "status"], registry=r)
-        for transport in TRANSPORTS:
-            for status in STATUSES.values():
-                self.deliveries.labels(transport, status)
+        # the labelled children, looked up once (``labels()`` per event costs the loop)
+        self._deliveries = {(transport, status): self.deliveries.labels(transport, status)
+                            for transport in TRANSPORTS for status in STATUSES.values()}
         self.queue_messages = Gauge("monomail_queue_messages", "Entries in the queue now", registry=r)
         self.smtp_sessions = Gauge("monomail_smtp_sessions", "SMTP sessions open now", registry=r)
         self.replies = Counter("monomail_smtp_replies", "Replies sent to SMTP clients, by class",
                                ["code_class"], registry=r)
-        for cls in CODE_CLASSES:
-            self.replies.labels(cls)
+        self._replies = {cls[:1].encode(): self.replies.labels(cls) for cls in CODE_CLASSES}  # b"2" -> 2xx
+        self._sent: dict[bytes | str, tuple[Any, ...]] = {}  # a reply as written -> the counters it moves
         self.delivery_seconds = Histogram("monomail_delivery_seconds", "Duration of one delivery attempt of a message",
                                           buckets=DELIVERY_BUCKETS, registry=r)
         self.tls_sessions = Counter("monomail_tls_sessions", "SMTP sessions that started TLS", registry=r)
@@ -115,14 +117,34 @@ class Metrics:
         if event == "received":
             self.received.inc()
         elif event == "outcome" and isinstance(subject, Outcome):
-            self.deliveries.labels(transport_of(subject), STATUSES.get(subject.status, "deferred")).inc()
+            key = (transport_of(subject), STATUSES.get(subject.status, "deferred"))
+            child = self._deliveries.get(key)
+            (child if child is not None else self.deliveries.labels(*key)).inc()
 
     def sent(self, data: bytes | str) -> None:
-        """What the SMTP server wrote to a client: its replies, by class."""
+        """What the SMTP server wrote to a client: its replies, by class. Most replies are
+        the same few strings: what each counts is kept (up to `SENT_MEMO` of them). A reply
+        of one line without CR counts by its first four characters alone (``250 ``)."""
+        if isinstance(data, str):
+            if "\n" not in data and "\r" not in data:
+                data = data[:4]
+        elif b"\n" not in data and b"\r" not in data:
+            data = data[:4]
+        counts = self._sent.get(data)
+        if counts is None:
+            counts = self._counts(data)
+            if len(self._sent) < SENT_MEMO and len(data) <= SENT_MEMO_LENGTH:
+                self._sent[data] = counts
+        for counter in counts:
+            counter.inc()
+
+    def _counts(self, data: bytes | str) -> tuple[Any, ...]:
+        out: list[Any] = []
         for code in reply_codes(data):
-            self.replies.labels(f"{code[:1].decode()}xx").inc()
+            out.append(self._replies[code[:1]])
             if code == AUTH_INVALID_CODE:
-                self.auth_failures.inc()
+                out.append(self.auth_failures)
+        return tuple(out)
 
     def tls_started(self) -> None:
         self.tls_sessions.inc()

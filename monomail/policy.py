@@ -18,7 +18,8 @@ relay control as Postfix's ``reject_unauth_destination``.
   5.4.6), an alias's own ``:fail:`` / ``:defer:`` refusal with its code and text (550 /
   450), and any domain not ours unless the client is trusted (554 5.7.1). Source
   routes are ignored (the final mailbox decides), so ``<@us:x@other>`` is a relay
-  attempt like any other.
+  attempt like any other. It routes with ``router.routes``, so a route that depends on
+  the config alone is not computed again at delivery.
 
 No I/O; the caller supplies the client's address.
 """
@@ -29,7 +30,7 @@ import ipaddress
 
 from .envelope import Address
 from .errors import ReplyError, RouteError
-from .router import RELAY_DENIED, Destination, Mailbox, Tables, is_our_domain, resolve
+from .router import RELAY_DENIED, Destination, Mailbox, Tables, is_our_domain, resolve, routes
 from .settings import Config
 
 
@@ -69,7 +70,7 @@ def check_recipient(address: Address, config: Config, *, trusted: bool, sender: 
     RCPT time, instead of bouncing later."""
     if not is_our_domain(address.domain, config) and not trusted:
         raise RouteError(RELAY_DENIED, f"relay to {address} from untrusted client")
-    return resolve(address, config, tables, sender)
+    return routes(address, config, tables, sender)  # kept for delivery when it depends on the config alone
 
 
 def owns(login: str, address: str, config: Config, tables: Tables | None = None) -> bool:

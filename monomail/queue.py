@@ -30,8 +30,9 @@ last reply, its cause and remote host); `apply_outcome` is the one place an atte
 
 Error handling: a spool write that fails turns into ``451 4.3.0`` for the client. Any
 exception out of the deliver function counts as a temporary failure of every recipient
-it was given. Accept work runs in tasks the queue owns, shielded from the SMTP session,
-so a client that hangs up cannot tear a delivery in half; `close` waits for them.
+it was given. Accept work runs in one task per message that the queue owns and that
+answers the SMTP session through a future (the cut-through budget is a timer in it), so
+a client that hangs up cannot tear a delivery in half; `close` waits for them.
 Record updates take the spool lock and re-read the record, so ``monomail queue``
 commands (hold, delete) made while a delivery runs are kept. A record that cannot be
 read now (EMFILE, EIO) is retried later, never dropped from the schedule; a damaged one
@@ -197,25 +198,65 @@ class Queue:
     async def _attempt(
         self, env: Envelope, data: bytes, recipients: Sequence[str] | None, finished: Mapping[str, Sequence[str]] | None
     ) -> list[Outcome]:
+        token = maillog.QUEUE_ID.set(env.id)  # lines of deliver and remote start with the queue id (maillog.about)
         try:
-            with maillog.about(env.id):  # lines of deliver and remote start with the queue id
-                return await self.deliver(env, data, recipients, finished)
+            return await self.deliver(env, data, recipients, finished)
         except Exception as exc:  # unclassified: temporary for everyone
             log.exception("%s: delivery attempt crashed", env.id)
             return [Outcome(r, Status.TEMPORARY, LOCAL_ERROR, repr(exc)) for r in recipients or env.recipients]
+        finally:
+            maillog.QUEUE_ID.reset(token)
 
     # -- accepting --------------------------------------------------------------
 
     async def accept(self, env: Envelope, data: bytes) -> Reply:
-        """Deliver now what can be, journal the rest; the reply for DATA."""
-        return await asyncio.shield(self._own(self._accept(env, data)))
+        """Deliver now what can be, journal the rest; the reply for DATA.
 
-    async def _accept(self, env: Envelope, data: bytes) -> Reply:
-        attempt = self._own(self._attempt(env, data, None, None))
-        done, _ = await asyncio.wait({attempt}, timeout=self.cut_through)
-        if not done:
-            return await self._accept_slow(env, data, attempt)
-        outcomes = attempt.result()
+        The work runs in one task the queue owns, which answers through a future: a
+        client that hangs up (its session cancelled) cancels only its wait."""
+        answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._own(self._answer(env, data, answer))
+        return await answer
+
+    async def _answer(self, env: Envelope, data: bytes, answer: asyncio.Future[Reply]) -> None:
+        try:
+            reply = await self._accept(env, data, answer)
+        except Exception as exc:
+            if answer.done():  # answered already (cut-through over): nobody else will hear of it
+                log.exception("%s: recording the delivery attempt failed", env.id)
+            else:
+                answer.set_exception(exc)
+        except BaseException:  # cancelled (close)
+            answer.cancel()
+            raise
+        else:
+            if reply is not None and not answer.done():
+                answer.set_result(reply)
+
+    async def _accept(self, env: Envelope, data: bytes, answer: asyncio.Future[Reply]) -> Reply | None:
+        """The attempt, in this task; if it outlives ``cut_through``, `_accept_slow`
+        journals it all and answers meanwhile, and the outcome is recorded here when it
+        comes (None: answered already)."""
+        slow: list[asyncio.Task[bool]] = []
+        timer = asyncio.get_running_loop().call_later(
+            self.cut_through, lambda: slow.append(self._own(self._accept_slow(env, data, answer))))
+        try:
+            outcomes = await self._attempt(env, data, None, None)
+            timer.cancel()
+            journalled = bool(slow) and await slow[0]
+        except BaseException:  # cancelled (close): the journalled entry is the runner's again
+            timer.cancel()
+            if slow:
+                slow[0].add_done_callback(lambda t: self._slow_done(env.id, t))
+            raise
+        if slow:
+            if journalled:  # (not journalled: the client has its 451, the outcome goes nowhere)
+                try:
+                    await self._commit(env.id, outcomes, data)
+                finally:
+                    self._busy.discard(env.id)
+                    self._wake.set()
+            return None
         for o in outcomes:
             maillog.outcome(env.id, o)
         if any(o.spawned for o in outcomes):
@@ -245,6 +286,13 @@ class Queue:
             return Reply(250, "2.0.0", f"OK queued as {env.id}")
         return Reply(250, "2.0.0", f"OK {env.id}, failures reported to the sender")
 
+    def _slow_done(self, qid: str, journal: asyncio.Task[bool]) -> None:
+        """The attempt was cancelled after the cut-through journalling began: once that is
+        done, the entry is free for the runner."""
+        if not journal.cancelled() and journal.exception() is None and journal.result():
+            self._busy.discard(qid)
+            self._wake.set()
+
     def _journal(self, entry: QueueEntry, data: bytes, now: float) -> tuple[QueueEntry, list[Due]]:
         """First journalling of an accepted message (worker thread): bounce what failed,
         store what is deferred. Returns the entry and the schedule changes."""
@@ -255,8 +303,9 @@ class Queue:
             changed.append((entry.id, entry.due()))
         return entry, changed
 
-    async def _accept_slow(self, env: Envelope, data: bytes, attempt: asyncio.Task[list[Outcome]]) -> Reply:
-        """The attempt outlived the cut-through budget: journal it all, answer, record later."""
+    async def _accept_slow(self, env: Envelope, data: bytes, answer: asyncio.Future[Reply]) -> bool:
+        """The attempt outlived the cut-through budget: journal it all (busy, so the runner
+        leaves it alone until the attempt is recorded) and answer. Says if it is journalled."""
         entry = new_entry(env, self.clock() + self.config.retry[0])
         self._busy.add(env.id)
         try:
@@ -264,18 +313,16 @@ class Queue:
         except SpoolError as exc:
             maillog.problem(env.id, f"not journalled, answering 451: {exc}")
             self._busy.discard(env.id)
-            return LOCAL_ERROR
+            if not answer.done():
+                answer.set_result(LOCAL_ERROR)
+            return False
+        except BaseException:
+            self._busy.discard(env.id)
+            raise
         maillog.queued(env.id, len(env.recipients), 0)
-
-        async def finish() -> None:
-            try:
-                await self._commit(env.id, await attempt, data)
-            finally:
-                self._busy.discard(env.id)
-                self._wake.set()
-
-        self._own(finish())
-        return Reply(250, "2.0.0", f"OK queued as {env.id}")
+        if not answer.done():
+            answer.set_result(Reply(250, "2.0.0", f"OK queued as {env.id}"))
+        return True
 
     # -- recording outcomes, bounces and warnings ---------------------------------
 

@@ -48,6 +48,19 @@ spelling): a `Refusal` (``:fail:`` / ``:defer:``) fails the address with its own
 reaches it outside a list; a `Discard` (``:blackhole:``) is a node with no destination,
 so the address is accepted and delivered nowhere.
 
+Routing once per recipient (`routes`): `resolve` with a memory. A route whose expansion
+asked the `Tables` nothing is a function of the address's local part and domain (the only
+parts of an address the router reads) and the config alone, so it is kept, keyed by the
+config object itself (a frozen tree; a reload makes a new one): computed at RCPT time
+(``policy.check_recipient``), used again at delivery (``deliver``) and for the next
+message to that address. A route that asked the tables anything (a list's members, a
+``.forward``, the host's accounts: files and passwd may change) is routed afresh every
+time, and a refusal is never kept (a list's poster check, the only part that depends on
+the sender, is reached through a table lookup). So `routes` always answers what
+`resolve` answers now; the memo only saves the work. Bounded (`MEMO_ROUTES` addresses per
+config, the memos of `MEMO_CONFIGS` configs); safe from any thread (a race costs one
+routing more, never a wrong answer).
+
 Security stance (DESIGN invariants 3 and 4): a local part is only ever a key into the
 configured tables; paths come from config. A local part that carries another address
 (``%``, ``!``, ``@`` inside quotes) is refused as a relay attempt, whoever asks.
@@ -65,6 +78,8 @@ from .errors import Reply, RouteError
 from .settings import Account, Config, Discard, LMTPTarget, MailingList, Refusal, User
 
 MAX_DEPTH = 20
+MEMO_ROUTES = 4096  # addresses whose routes `routes` keeps per config
+MEMO_CONFIGS = 4  # configs whose routes are kept (a reload makes a new config)
 
 UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
@@ -197,6 +212,61 @@ def resolve(address: Address, config: Config, tables: Tables | None = None,
     out: dict[str, Destination] = {}
     _collect(expand(address, config, tables, sender), out, False)
     return tuple(out.values())
+
+
+_Memo = dict[tuple[str, str], tuple[Destination, ...]]
+_memos: dict[int, tuple[Config, _Memo]] = {}  # id(config) -> (that config, kept alive so its id is not reused)
+
+
+class _Asked:
+    """Tables that note whether they were asked anything (then the route is not kept)."""
+
+    __slots__ = ("inner", "asked")
+
+    def __init__(self, inner: Tables) -> None:
+        self.inner = inner
+        self.asked = False
+
+    def list_members(self, lst: MailingList) -> tuple[str, ...]:
+        self.asked = True
+        return self.inner.list_members(lst)
+
+    def dot_forward(self, user: User | Account) -> tuple[tuple[str, ...], bool] | None:
+        self.asked = True
+        return self.inner.dot_forward(user)
+
+    def account(self, name: str) -> Account | None:
+        self.asked = True
+        return self.inner.account(name)
+
+
+def _memo(config: Config) -> _Memo:
+    held = _memos.get(id(config))
+    if held is not None and held[0] is config:
+        return held[1]
+    while len(_memos) >= MEMO_CONFIGS:
+        _memos.pop(next(iter(_memos), 0), None)
+    memo: _Memo = {}
+    _memos[id(config)] = (config, memo)
+    return memo
+
+
+def routes(address: Address, config: Config, tables: Tables | None = None,
+           sender: str | None = None) -> tuple[Destination, ...]:
+    """`resolve`, from the memo when the route depends on the address and config alone
+    (see the module's docstring). Raises `RouteError` as `resolve` does."""
+    memo = _memo(config)
+    key = (address.local, address.domain)
+    found = memo.get(key)
+    if found is not None:
+        return found
+    asked = _Asked(tables or ConfigTables())
+    dests = resolve(address, config, asked, sender)
+    if not asked.asked:
+        if len(memo) >= MEMO_ROUTES:
+            memo.clear()
+        memo[key] = dests
+    return dests
 
 
 def _collect(node: Node, out: dict[str, Destination], under_list: bool) -> None:

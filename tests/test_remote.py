@@ -412,3 +412,23 @@ def test_delivery_into_postfix_smtp_sink(serve, dns, port):
         sink.kill()
         sink.wait(5)
         shutil.rmtree(dump, ignore_errors=True)
+
+
+def test_retry_of_a_recipient_half_delivered_sends_only_the_rest(serve, dns, port, peers):
+    """An alias to a local user and a remote address: the local copy is written, the remote
+    one deferred. The retry skips the copy already written and sends the rest. (The retry
+    used to crash on the skipped destination, a KeyError taken for a temporary failure of
+    everyone, so the remote copy was never sent and the alias finally bounced.)"""
+    dns.mx("remote.test", (10, "mx1.remote.test"))
+    dns.a("mx1.remote.test", "127.0.0.2")
+    peer = peers("127.0.0.2", port, rcpt_replies={"temp": "451 4.3.0 not now"})
+    server = relay(serve, dns, port, aliases={"both": ["alice", "temp@remote.test"]}, queue={"retry": ["2s"]})
+    assert send(server, ["both@example.test"])[0] == 250
+    (entry,) = spool_entries(server)  # journalled before the 250
+    assert entry["recipients"][0]["finished"] == [f"mailbox:{server.config.local.mail_dir / 'alice'}"]
+    assert len(alice_mail(server)) == 1
+    peer.rcpt_replies.clear()  # the remote takes it now; the runner retries in 2s
+    peer.wait_for(1)
+    wait_until(lambda: spool_entries(server) == [])
+    assert [r.rcpt_tos for r in peer.received] == [["temp@remote.test"]]
+    assert len(alice_mail(server)) == 1  # not written twice

@@ -12,7 +12,8 @@ from monomail.envelope import Address, parse_path
 from monomail.errors import AddressError, ReplyError, RouteError
 from monomail.message import Content
 from monomail.policy import check_recipient, is_trusted
-from monomail.router import Mailbox, Remote, resolve
+from monomail.router import Mailbox, Remote, resolve, routes
+from monomail.tables import FileTables
 
 
 @pytest.fixture
@@ -159,3 +160,44 @@ def test_postmaster_is_always_accepted():
     assert isinstance(dest, Mailbox) and dest.user == next(iter(cfg.users))
     (dest,) = route(cfg, "PostMaster@localhost")
     assert isinstance(dest, Mailbox)
+
+
+# -- routing once per recipient (router.routes, issue 13) --------------------------------------
+
+
+def test_routes_are_kept_per_config_and_answer_as_resolve(cfg):
+    a = Address.from_str("all@example.test")
+    first = routes(a, cfg)
+    assert first == resolve(a, cfg)
+    assert routes(Address.from_str("all@example.test"), cfg) is first  # the RCPT route, used again at delivery
+    assert check_recipient(a, cfg, trusted=False, sender="x@remote.test") is first
+    # A new config (a reload) never gets the old one's routes.
+    changed = config_mod.parse(base_config(aliases={"all": ["carol"]}), Path("/srv/monomail.toml"))
+    assert [d.user for d in routes(a, changed)] == ["carol"]
+    assert routes(a, cfg) is first
+
+
+def test_refusals_and_routes_through_tables_are_routed_afresh(tmp_path):
+    members = tmp_path / "dev.txt"
+    members.write_text("alice\n")
+    forward = tmp_path / "mail" / "carol" / ".forward"
+    forward.parent.mkdir(parents=True)
+    cfg = config_mod.parse(base_config(lists={"dev": {"members_file": str(members), "policy": "members"}},
+                                       local={"allow_dot_forward": True}), tmp_path / "monomail.toml")
+    tables = FileTables(cfg.local)
+    dev = Address.from_str("dev@example.test")
+    (post,) = check_recipient(dev, cfg, trusted=False, sender="alice@example.test", tables=tables)
+    assert post.members == ("alice",)
+    with pytest.raises(RouteError):  # the poster check depends on the sender: an accepted route is not kept
+        check_recipient(dev, cfg, trusted=False, sender="mallory@remote.test", tables=tables)
+    members.write_text("alice\nbob\n")
+    (post,) = routes(dev, cfg, tables)
+    assert post.members == ("alice", "bob")  # the file's change counts with the next message
+    carol = Address.from_str("carol@example.test")
+    assert [type(d) for d in routes(carol, cfg, tables)] == [Mailbox]
+    forward.write_text("someone@remote.test\n")
+    assert [type(d) for d in routes(carol, cfg, tables)] == [Remote]  # a .forward made since: used at once
+    with pytest.raises(RouteError):
+        routes(Address.from_str("nobody@example.test"), cfg, tables)
+    with pytest.raises(RouteError):  # a refusal is not kept either
+        routes(Address.from_str("nobody@example.test"), cfg, tables)
