@@ -19,16 +19,13 @@ import asyncio
 import binascii
 import logging
 from base64 import b64decode, b64encode
-from typing import TYPE_CHECKING
 
 from .. import maillog
 from ..auth import Authenticator
 from ..errors import AuthUnavailable, Reply
 from ..settings import Config
 from ..transaction import AUTH_INVALID, Next, Step, Transaction
-
-if TYPE_CHECKING:
-    from . import SMTPServer
+from .host import Host
 
 log = logging.getLogger("monomail.smtp")
 
@@ -58,7 +55,7 @@ class AuthExchange:
 
     __slots__ = ()
 
-    mm: SMTPServer
+    mm: Host
     cfg: Config
     auth: Authenticator
     core: Transaction | None

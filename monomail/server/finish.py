@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from .. import inbound, maillog
 from ..envelope import Envelope, new_id
@@ -25,15 +24,13 @@ from ..errors import LOCAL_ERROR, Reply
 from ..localpeer import received_local
 from ..message import completion_fields, received_header
 from ..transaction import Message, Transaction
-
-if TYPE_CHECKING:
-    from .session import Session
+from .host import Peer
 
 log = logging.getLogger("monomail.smtp")
 JOIN_IN_THREAD = 256 * 1024  # content larger than this is joined in a worker thread
 
 
-async def finish_message(session: Session, core: Transaction) -> Reply:
+async def finish_message(session: Peer, core: Transaction) -> Reply:
     """The reply for the end of DATA; an unclassified error is temporary (451 4.3.0)."""
     try:
         result = core.end_data()
@@ -46,7 +43,7 @@ async def finish_message(session: Session, core: Transaction) -> Reply:
         return LOCAL_ERROR
 
 
-async def _accept(session: Session, msg: Message) -> Reply:
+async def _accept(session: Peer, msg: Message) -> Reply:
     cfg = session.cfg
     now = time.time()
     qid = new_id(now)

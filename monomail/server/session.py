@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from .. import maillog, policy
 from ..envelope import Address
@@ -40,9 +40,7 @@ from ..tls import describe
 from ..transaction import Next, Step, Transaction, wire
 from .authexchange import COMMAND_TIMEOUT, AuthExchange
 from .finish import finish_message
-
-if TYPE_CHECKING:
-    from . import SMTPServer
+from .host import Host
 
 log = logging.getLogger("monomail.smtp")
 IDENT = "ESMTP monomail"
@@ -62,7 +60,7 @@ class Session(AuthExchange, asyncio.Protocol):
                  "trusted", "local", "core", "transport", "mode", "buf", "lines", "eod", "deadline",
                  "last_read", "eof", "paused", "waiter", "task", "_writing_paused")
 
-    def __init__(self, server: SMTPServer, kind: str = MX) -> None:
+    def __init__(self, server: Host, kind: str = MX) -> None:
         self.mm = server
         self.kind = kind
         self.cfg, self.tables, self.auth = server.config, server.tables, server.auth
