@@ -62,13 +62,14 @@ from ..resolver import Resolver
 from ..router import Tables
 from ..settings import Config, Listen
 from ..tls import Certificates
+from ..transaction import Transaction, wire
 from .session import IDENT, LOCAL, MX, SUBMISSION, SUBMISSIONS, Session
 
 __all__ = ["IDENT", "LOCAL", "MX", "SUBMISSION", "SUBMISSIONS", "SMTPServer", "Session", "listeners"]
 
 log = logging.getLogger("monomail.smtp")
 
-TRUSTED_CACHE = 4096  # client addresses whose trust is remembered
+CLIENT_CACHE = 4096  # client addresses whose trust and limits key are remembered
 TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 
 
@@ -103,7 +104,8 @@ class SMTPServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._serving = True
         self._sweeper: asyncio.Task[None] | None = None
-        self._trusted: tuple[Config, dict[str, bool]] = (config, {})
+        self._clients: tuple[Config, dict[str, tuple[bool, str]]] = (config, {})
+        self._greeting: tuple[Config | None, bytes] = (None, b"")
         self.metrics = Metrics()  # counters (issue 12); app serves them when [metrics] is on
 
     @property
@@ -167,8 +169,10 @@ class SMTPServer:
         """A new connection: count it, or the 421 that refuses it (nothing counted then)."""
         if len(self.sessions) >= self.config.server.max_connections:
             return TOO_MANY_CONNECTIONS
-        session.trusted = session.kind == LOCAL or self._is_trusted(session.peer_ip)
-        session.client = session.peer_ip if session.kind == LOCAL else client_key(session.peer_ip)
+        if session.kind == LOCAL:
+            session.trusted, session.client = True, session.peer_ip
+        else:
+            session.trusted, session.client = self._client(session.peer_ip)
         if not session.trusted and not self.per_client.open(session.client):
             log.info("refused connection from [%s]: %d connections from it already", session.peer_ip,
                      self.per_client.count(session.client))
@@ -176,16 +180,23 @@ class SMTPServer:
         self.sessions.add(session)
         return None
 
-    def _is_trusted(self, peer_ip: str) -> bool:
-        """`policy.is_trusted`, remembered per address for the config in force (a reload
-        starts afresh); at most `TRUSTED_CACHE` addresses are kept."""
-        cache = self._trusted
-        if cache[0] is not self.config or len(cache[1]) >= TRUSTED_CACHE:
-            cache = self._trusted = (self.config, {})
+    def _client(self, peer_ip: str) -> tuple[bool, str]:
+        """Is this address trusted (`policy.is_trusted`), and its limits key
+        (`limits.client_key`): remembered per address for the config in force (a reload
+        starts afresh); at most `CLIENT_CACHE` addresses are kept."""
+        cache = self._clients
+        if cache[0] is not self.config or len(cache[1]) >= CLIENT_CACHE:
+            cache = self._clients = (self.config, {})
         known = cache[1].get(peer_ip)
         if known is None:
-            known = cache[1][peer_ip] = policy.is_trusted(peer_ip, self.config)
+            known = cache[1][peer_ip] = (policy.is_trusted(peer_ip, self.config), client_key(peer_ip))
         return known
+
+    def greeting(self, core: Transaction) -> bytes:
+        """The 220 line of a new session, made once per config."""
+        if self._greeting[0] is not self.config:
+            self._greeting = (self.config, wire((core.greeting(IDENT),)))
+        return self._greeting[1]
 
     def release(self, session: Session) -> bool:
         """A connection ended; False if it was never admitted."""

@@ -40,6 +40,8 @@ class Host(Protocol):
 
     def release(self, session: Any) -> bool: ...
 
+    def greeting(self, core: Any) -> bytes: ...
+
 
 class Peer(Protocol):
     """A session as the end of DATA sees it (`session.Session`)."""

@@ -133,7 +133,7 @@ class Session(AuthExchange, asyncio.Protocol):
         self.core = core = self._new_core()
         self.mode = _COMMAND
         self.deadline = now + self.cfg.server.command_timeout
-        self._write(wire((core.greeting(IDENT),)))
+        self._write(self.mm.greeting(core))
 
     def data_received(self, data: bytes) -> None:
         self.last_read = time.monotonic()
