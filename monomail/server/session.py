@@ -172,6 +172,9 @@ class Session(AuthExchange, asyncio.Protocol):
         self._writing_paused = False
         if self.mode != _BUSY:
             self._resume()
+        if self.mode == _COMMAND and self.buf:  # the lines read while the replies waited
+            self._session_lines()
+            self._commands()
 
     # -- reading commands ------------------------------------------------------------------
 

@@ -1,0 +1,55 @@
+"""Review of the server's own SMTP sessions (issue 13): flow control, deadlines and slots
+through real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import pytest
+from conftest import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def delivered(server) -> int:
+    new = server.config.local.mail_dir / "alice" / "new"
+    return len(list(new.iterdir())) if new.is_dir() else 0
+
+
+def read_until(s: socket.socket, marker: bytes, limit: float) -> bytes:
+    got = b""
+    deadline = time.monotonic() + limit
+    s.settimeout(0.5)
+    while marker not in got and time.monotonic() < deadline:
+        try:
+            chunk = s.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_commands_buffered_while_replies_were_unread_are_answered_when_they_are_read(serve):
+    # A pipelining client that reads its replies only after sending everything: the
+    # server's writes pause, the message's reply is written while they are paused, and
+    # the QUIT read meanwhile must be answered once the client reads (not left waiting).
+    server = serve(server={"command_timeout": "30s"})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", server.port))
+    batch = (b"EHLO x.test\r\n" * 2000 + b"HELP\r\n" * 40000 + b"MAIL FROM:<a@x.test>\r\n"
+             b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+    tail = b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n"
+    sender = threading.Thread(target=lambda: s.sendall(batch + tail), daemon=True)
+    sender.start()
+    with contextlib.suppress(AssertionError):  # (if the server read it all before it paused)
+        wait_until(lambda: delivered(server) == 1, 5)  # the replies unread meanwhile
+    got = read_until(s, b"221 ", 10)
+    sender.join(5)
+    s.close()
+    assert b"250 2.0.0" in got.split(b"354 ")[-1] and b"221 " in got
