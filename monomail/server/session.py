@@ -375,7 +375,11 @@ class Session(AuthExchange, asyncio.Protocol):
 
     def expire(self, now: float) -> None:
         """The server's sweeper: close the session if a deadline has passed."""
-        if self.mode == _BUSY or self.mode == _CLOSED:
+        if self.mode == _CLOSED:  # hung up, its replies still unread: no longer than a command's time
+            if self.transport is not None and now > self.deadline:
+                self.transport.abort()
+            return
+        if self.mode == _BUSY:
             return
         if now > self.deadline:
             if self.mode == _CONTENT:
@@ -390,6 +394,8 @@ class Session(AuthExchange, asyncio.Protocol):
             self.hang_up()
 
     def hang_up(self) -> None:
+        if self.mode != _CLOSED:  # the close waits for the replies to be read, up to `expire`'s deadline
+            self.deadline = time.monotonic() + self.cfg.server.command_timeout
         self.mode = _CLOSED
         if self.transport is not None:
             self.transport.close()
