@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 
 import pytest
+from peers import self_signed_cert
 from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -77,3 +79,65 @@ def test_a_client_that_never_reads_loses_its_slot_after_the_deadline(serve):
         assert server.app.server.per_client.count("127.0.0.9") == 0
     finally:
         s.close()
+
+
+def tls_client_with_first_command(raw: socket.socket, command: bytes) -> tuple[ssl.SSLObject, ssl.MemoryBIO,
+                                                                              ssl.MemoryBIO]:
+    """A TLS handshake whose last flight carries ``command`` too (one write: the client's
+    Finished and its first record, as a TLS 1.3 client may send them)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=False)
+    raw.settimeout(10)
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                raw.sendall(outgoing.read())
+            incoming.write(raw.recv(65536))
+    obj.write(command)
+    raw.sendall(outgoing.read())  # the Finished and the command together
+    return obj, incoming, outgoing
+
+
+def tls_read_line(raw: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, got: bytearray) -> bytes:
+    while b"\n" not in got:
+        try:
+            got += obj.read(65536)
+        except ssl.SSLWantReadError:
+            chunk = raw.recv(65536)
+            if not chunk:
+                return b""
+            incoming.write(chunk)
+    i = got.index(b"\n") + 1
+    line = bytes(got[:i])
+    del got[:i]
+    return line
+
+
+@pytest.mark.parametrize("kind", ["mx", "submissions"])
+def test_a_command_in_the_same_segment_as_the_end_of_the_tls_handshake_is_answered(serve, tmp_path, kind):
+    made = self_signed_cert(tmp_path / "tls")
+    if made is None:
+        pytest.skip("cannot make a certificate")
+    cert, key = made
+    server = serve(tls={"cert": cert, "key": key},
+                   submission={"listen": ["127.0.0.1:0"], "listen_tls": ["127.0.0.1:0"]})
+    with socket.create_connection(("127.0.0.1", server.app.server.port(kind)), timeout=10) as raw:
+        got = bytearray()
+        if kind == "mx":
+            f = raw.makefile("rb")
+            f.readline()
+            raw.sendall(b"EHLO x.test\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            raw.sendall(b"STARTTLS\r\n")
+            assert f.readline().startswith(b"220 ")
+        obj, incoming, _ = tls_client_with_first_command(raw, b"EHLO x.test\r\n")
+        if kind == "submissions":
+            assert tls_read_line(raw, obj, incoming, got).startswith(b"220 ")
+        line = tls_read_line(raw, obj, incoming, got)
+        assert line.startswith(b"250"), line  # the EHLO was answered (not dropped with the plain text)

@@ -339,8 +339,7 @@ class Session(AuthExchange, asyncio.Protocol):
         if tls is None:  # the connection went while the handshake ended
             self.mm.release(self)
             return
-        self.transport = tls
-        self.buf.clear()
+        self.transport = tls  # (what the TLS layer decrypted with its handshake's end is in `buf` already)
         self.lines = LineReader()
         self.last_read = time.monotonic()
         self.mm.metrics.tls_started()  # metrics hook (issue 12)
