@@ -4,6 +4,7 @@ through real sockets."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
 import threading
@@ -12,6 +13,8 @@ import time
 import pytest
 from peers import self_signed_cert
 from conftest import wait_until
+
+from monomail import maillog
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -141,3 +144,36 @@ def test_a_command_in_the_same_segment_as_the_end_of_the_tls_handshake_is_answer
             assert tls_read_line(raw, obj, incoming, got).startswith(b"220 ")
         line = tls_read_line(raw, obj, incoming, got)
         assert line.startswith(b"250"), line  # the EHLO was answered (not dropped with the plain text)
+
+
+class SessionLines(logging.Handler):
+    """Each line of monomail with the session id in force when it was written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.getMessage(), maillog.SESSION.get()))
+
+
+def test_the_deadline_lines_carry_the_session_id(serve):
+    server = serve(server={"trusted_networks": ["192.0.2.0/24"], "command_timeout": "1s"})
+    handler = SessionLines()
+    logger = logging.getLogger("monomail")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO x.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<v@remote.test>\r\n")  # refused: logged
+            assert f.readline().startswith(b"421 4.4.2") or b"421 4.4.2" in f.read()
+        wait_until(lambda: any("timeout waiting" in m for m, _ in handler.lines))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    (refused,) = [sid for m, sid in handler.lines if m.startswith("refused RCPT")]
+    (timeout,) = [sid for m, sid in handler.lines if "timeout waiting" in m]
+    assert refused and timeout == refused, handler.lines

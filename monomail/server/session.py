@@ -380,6 +380,14 @@ class Session(AuthExchange, asyncio.Protocol):
             return
         if self.mode == _BUSY:
             return
+        if now > self.deadline or now - self.last_read > self.cfg.server.timeout:
+            token = maillog.SESSION.set(self.session_id)  # (the sweeper's task: this session's lines)
+            try:
+                self._expire(now)
+            finally:
+                maillog.SESSION.reset(token)
+
+    def _expire(self, now: float) -> None:
         if now > self.deadline:
             if self.mode == _CONTENT:
                 log.info("timeout reading DATA from [%s]", self.peer_ip)
