@@ -177,3 +177,28 @@ def test_the_deadline_lines_carry_the_session_id(serve):
     (refused,) = [sid for m, sid in handler.lines if m.startswith("refused RCPT")]
     (timeout,) = [sid for m, sid in handler.lines if "timeout waiting" in m]
     assert refused and timeout == refused, handler.lines
+
+
+def test_shutdown_cuts_a_client_that_never_reads(serve):
+    # After the grace the remaining sessions are closed; one whose client never reads its
+    # replies must go too (its close waited for the client: uvloop's wait_closed with it).
+    server = serve(server={"trusted_networks": ["127.0.0.1/32"], "command_timeout": "5m", "timeout": "5m",
+                           "shutdown_grace": "1s"})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.bind(("127.0.0.9", 0))
+    s.connect(("127.0.0.1", server.port))
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):
+            s.sendall(b"EHLO x.test\r\n" + b"HELP\r\n" * 2_000_000)
+
+    threading.Thread(target=flood, daemon=True).start()
+    smtp = server.app.server
+    try:
+        wait_until(lambda: smtp.per_client.count("127.0.0.9") == 1)
+        time.sleep(1.5)  # its replies back up
+        server.call(smtp.close(1.0))
+        wait_until(lambda: not smtp.sessions, 5)
+    finally:
+        s.close()

@@ -230,6 +230,7 @@ class SMTPServer:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.hang_up()
+            session.expire(float("inf"))  # (cut one whose replies wait unread: wait_closed would wait for it)
         for s in self.servers:
             await s.wait_closed()
 
