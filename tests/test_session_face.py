@@ -202,3 +202,28 @@ def test_shutdown_cuts_a_client_that_never_reads(serve):
         wait_until(lambda: not smtp.sessions, 5)
     finally:
         s.close()
+
+
+def test_a_refused_connection_line_carries_no_other_session_id(process_server, tmp_path):
+    # uvloop runs every connection's callbacks of one listener in one context: the
+    # refusal written in connection_made must not carry the id of the last session read.
+    logfile = tmp_path / "mail.log"
+    server = process_server(log={"level": "info", "file": str(logfile)},
+                            server={"trusted_networks": ["192.0.2.0/24"], "max_connections_per_ip": 1})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as first:
+        f = first.makefile("rb")
+        f.readline()
+        first.sendall(b"EHLO x.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<v@remote.test>\r\n")  # a line with its id
+        while not f.readline().startswith(b"554 "):
+            pass
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as second:
+            assert second.recv(1000).startswith(b"421 4.7.0")
+
+        def lines(word: str) -> list[str]:
+            return [x for x in logfile.read_text(encoding="utf-8").splitlines() if word in x]
+
+        wait_until(lambda: lines("refused connection from") and lines("refused RCPT"))
+    (refusal,) = lines("refused connection from")
+    (rcpt,) = lines("refused RCPT")
+    assert "session=" in rcpt and "session=" not in refusal, refusal
+    assert server.terminate() == 0

@@ -109,6 +109,7 @@ class Session(AuthExchange, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # (uvloop's UNIX transport is not a subclass)
+        self._session_lines()  # none yet (uvloop: one context for a listener's connections, the last id in it)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
         if self.kind == LOCAL:
