@@ -227,3 +227,55 @@ def test_a_refused_connection_line_carries_no_other_session_id(process_server, t
     (rcpt,) = lines("refused RCPT")
     assert "session=" in rcpt and "session=" not in refusal, refusal
     assert server.terminate() == 0
+
+
+def tls_read_until(raw: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, marker: bytes,
+                   limit: float) -> bytes:
+    got = b""
+    deadline = time.monotonic() + limit
+    raw.settimeout(0.5)
+    while marker not in got and time.monotonic() < deadline:
+        try:
+            got += obj.read(1 << 20)
+            continue
+        except ssl.SSLWantReadError:
+            pass
+        try:
+            chunk = raw.recv(1 << 20)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        incoming.write(chunk)
+    return got
+
+
+def test_an_auth_exchange_begun_while_the_replies_waited_unread_reads_its_response(serve, tmp_path):
+    # The client pipelines many commands and AUTH, reads its replies late, then answers
+    # the 334: the server paused reading while its writes backed up; once they are read
+    # the exchange must read the response (it stayed paused: 421 at the AUTH deadline).
+    made = self_signed_cert(tmp_path / "tls")
+    if made is None:
+        pytest.skip("cannot make a certificate")
+    cert, key = made
+    server = serve(tls={"cert": cert, "key": key}, server={"command_timeout": "15s"},
+                   submission={"listen": ["127.0.0.1:0"], "listen_tls": ["127.0.0.1:0"]})
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", server.app.server.port("submissions")))
+    try:
+        obj, incoming, outgoing = tls_client_with_first_command(raw, b"EHLO x.test\r\n")
+        assert b"250 " in tls_read_until(raw, obj, incoming, b"250 ", 10)
+        obj.write(b"EHLO x.test\r\n" * 19000 + b"HELP\r\n" * 40000 + b"AUTH PLAIN\r\n")
+        batch = outgoing.read()
+        sender = threading.Thread(target=lambda: raw.sendall(batch), daemon=True)
+        sender.start()
+        time.sleep(2)  # the replies pile up unread
+        assert b"334 " in tls_read_until(raw, obj, incoming, b"334 ", 20)
+        sender.join(5)
+        obj.write(b"AGFsaWNlAHdyb25n\r\n")  # \0alice\0wrong
+        raw.sendall(outgoing.read())
+        answer = tls_read_until(raw, obj, incoming, b"\r\n", 10)
+        assert answer.startswith(b"535 "), answer
+    finally:
+        raw.close()

@@ -171,7 +171,7 @@ class Session(AuthExchange, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        if self.mode != _BUSY:
+        if self.mode != _BUSY or self.waiter is not None:  # (a task waiting for input: the AUTH exchange)
             self._resume()
         if self.mode == _COMMAND and self.buf:  # the lines read while the replies waited
             self._session_lines()
@@ -305,6 +305,7 @@ class Session(AuthExchange, asyncio.Protocol):
                 return line
             if self.eof or self.mode == _CLOSED:
                 raise ConnectionResetError("the client went away")
+            self._resume()  # (paused while the task had what it needed, or while the replies waited)
             self.waiter = asyncio.get_running_loop().create_future()
             try:
                 await self.waiter
