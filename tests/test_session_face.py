@@ -11,8 +11,8 @@ import threading
 import time
 
 import pytest
-from peers import self_signed_cert
 from conftest import wait_until
+from peers import self_signed_cert
 
 from monomail import maillog
 
