@@ -16,8 +16,7 @@ session as ``session=``, or as JSON fields).
 
 Causes (exception text, paths) go here and never into SMTP replies (DESIGN invariant 6).
 What a client sent (HELO names, addresses, remote replies) goes through `printable`
-first, so no line of the log holds a raw control character; `PrintableFilter` does the
-same for the lines of a library's logger (aiosmtpd's ``mail.log``).
+first, so no line of the log holds a raw control character.
 """
 
 from __future__ import annotations
@@ -85,19 +84,6 @@ def _escape(code: int) -> str:
     if code < 0x100:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-class PrintableFilter(logging.Filter):
-    """A logging filter that passes every record through `printable` (installed once on a
-    library's logger whose lines may hold client bytes)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken record: leave it to logging's own error handling
-            return True
-        record.msg, record.args = printable(message), None
-        return True
 
 
 def received(env: Envelope, *, client: str, helo: str, tls: str = "", user: str | None = None,
