@@ -339,6 +339,8 @@ class Session(AuthExchange, asyncio.Protocol):
             self.mm.release(self)  # asyncio's TLS layer may never tell us: give the slot back here
             return
         if tls is None:  # the connection went while the handshake ended
+            self.mode = _CLOSED
+            self.transport = None
             self.mm.release(self)
             return
         self.transport = tls  # (what the TLS layer decrypted with its handshake's end is in `buf` already)
