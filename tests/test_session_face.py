@@ -60,22 +60,29 @@ def test_commands_buffered_while_replies_were_unread_are_answered_when_they_are_
     assert b"250 2.0.0" in got.split(b"354 ")[-1] and b"221 " in got
 
 
-def test_a_client_that_never_reads_loses_its_slot_after_the_deadline(serve):
-    # It floods commands and never reads a reply: the server's writes back up, the command
-    # deadline passes, the session is hung up, and its connection slot must come back
-    # (a close that waits forever for the client to read kept it, and its count, for good).
-    server = serve(server={"trusted_networks": ["127.0.0.1/32"], "max_connections_per_ip": 1,
-                           "command_timeout": "2s", "timeout": "3s"})
+def _never_reading_client(port: int) -> socket.socket:
+    """A client on 127.0.0.9 with a tiny receive buffer that floods commands from a thread
+    and never reads a reply."""
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.bind(("127.0.0.9", 0))
-    s.connect(("127.0.0.1", server.port))
+    s.connect(("127.0.0.1", port))
 
     def flood() -> None:
         with contextlib.suppress(OSError):
             s.sendall(b"EHLO x.test\r\n" + b"HELP\r\n" * 2_000_000)
 
     threading.Thread(target=flood, daemon=True).start()
+    return s
+
+
+def test_a_client_that_never_reads_loses_its_slot_after_the_deadline(serve):
+    # It floods commands and never reads a reply: the server's writes back up, the command
+    # deadline passes, the session is hung up, and its connection slot must come back
+    # (a close that waits forever for the client to read kept it, and its count, for good).
+    server = serve(server={"trusted_networks": ["127.0.0.1/32"], "max_connections_per_ip": 1,
+                           "command_timeout": "2s", "timeout": "3s"})
+    s = _never_reading_client(server.port)
     try:
         wait_until(lambda: server.app.server.per_client.count("127.0.0.9") == 1)
         wait_until(lambda: not server.app.server.sessions, 20)
@@ -184,16 +191,7 @@ def test_shutdown_cuts_a_client_that_never_reads(serve):
     # replies must go too (its close waited for the client: uvloop's wait_closed with it).
     server = serve(server={"trusted_networks": ["127.0.0.1/32"], "command_timeout": "5m", "timeout": "5m",
                            "shutdown_grace": "1s"})
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.bind(("127.0.0.9", 0))
-    s.connect(("127.0.0.1", server.port))
-
-    def flood() -> None:
-        with contextlib.suppress(OSError):
-            s.sendall(b"EHLO x.test\r\n" + b"HELP\r\n" * 2_000_000)
-
-    threading.Thread(target=flood, daemon=True).start()
+    s = _never_reading_client(server.port)
     smtp = server.app.server
     try:
         wait_until(lambda: smtp.per_client.count("127.0.0.9") == 1)
