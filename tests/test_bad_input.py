@@ -772,3 +772,25 @@ def test_a_whole_session_in_one_write_then_half_closed_is_answered_to_the_end(se
     assert b"250 2.0.0" in got
     assert [mark in m for m in alice_messages(server)] == [True]
     assert_serving(server)
+
+
+def test_a_big_message_and_the_commands_behind_it_in_one_write_arrive_whole(serve: Any) -> None:
+    """4 MB of content, the end line and two more commands in one write: the content is
+    checked a slice at a time (issue 13: reading pauses meanwhile), every byte lands in the
+    Maildir in order, and the pipelined NOOP and QUIT are answered after the 250."""
+    server = serve()
+    mark = marker()
+    body = b"".join(b"line %07d " % n + b"x" * 60 + b"\r\n" for n in range(60_000))
+    with Client(server.port) as c:
+        c.ehlo()
+        c.send(b"MAIL FROM:<sender@client.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        expect(c.reply(), 250, "2.1.0")
+        expect(c.reply(), 250, "2.1.5")
+        assert c.reply().code == 354
+        c.send(msg(mark) + body + b".\r\nNOOP\r\nQUIT\r\n")
+        expect(c.reply(), 250, "2.0.0")
+        expect(c.reply(), 250)
+        expect(c.reply(), 221)
+    [got] = alice_messages(server)
+    assert got.endswith(mark + b"\n" + body.replace(b"\r\n", b"\n"))
+    assert_serving(server)

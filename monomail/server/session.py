@@ -45,6 +45,7 @@ from .host import Host
 log = logging.getLogger("monomail.smtp")
 IDENT = "ESMTP monomail"
 MX, SUBMISSION, SUBMISSIONS, LOCAL = "mx", "submission", "submissions", "local"  # the kinds of listener
+SLICE = 64 * 1024  # content checked in one go before the other sessions get their turn
 HIGH_WATER = 256 * 1024  # input buffered while a task runs (or replies unread) before reading pauses
 
 DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout reading message data, closing connection")
@@ -237,6 +238,34 @@ class Session(AuthExchange, asyncio.Protocol):
         return step
 
     def _content(self, data: bytes) -> None:
+        """Feed what was read to the content: one `SLICE` now, the rest a slice per round
+        of the event loop with reading paused meanwhile, so a big message is checked a
+        piece at a time while the other sessions get their turns (DESIGN invariant 9)."""
+        if self.buf:  # slices still wait: this comes after them
+            self.buf += data
+            return
+        if len(data) > SLICE:
+            self.buf += memoryview(data)[SLICE:]
+            data = data[:SLICE]
+        self._feed(data)
+        if self.buf and self.mode == _CONTENT:
+            self._pause()
+            asyncio.get_running_loop().call_soon(self._next_slice)
+
+    def _next_slice(self) -> None:
+        if self.mode != _CONTENT:  # ended meanwhile (closed, or a deadline)
+            return
+        data = bytes(self.buf[:SLICE])
+        del self.buf[:SLICE]
+        self._feed(data)
+        if self.mode != _CONTENT:
+            return
+        if self.buf:
+            asyncio.get_running_loop().call_soon(self._next_slice)
+        else:
+            self._resume()
+
+    def _feed(self, data: bytes) -> None:
         eod = self.eod
         assert eod is not None
         try:
@@ -249,7 +278,7 @@ class Session(AuthExchange, asyncio.Protocol):
         if rest is None:
             return
         self.eod = None
-        self.buf += rest
+        self.buf[:0] = rest  # the next commands, before what was read behind them
         self._busy(self._finish())
 
     async def _finish(self) -> None:
