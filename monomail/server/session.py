@@ -45,7 +45,7 @@ from .host import Host
 log = logging.getLogger("monomail.smtp")
 IDENT = "ESMTP monomail"
 MX, SUBMISSION, SUBMISSIONS, LOCAL = "mx", "submission", "submissions", "local"  # the kinds of listener
-SLICE = 64 * 1024  # content checked in one go before the other sessions get their turn
+SLICE = 16 * 1024  # content checked in one go before the other sessions get their turn
 HIGH_WATER = 256 * 1024  # input buffered while a task runs (or replies unread) before reading pauses
 
 DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout reading message data, closing connection")
