@@ -87,10 +87,10 @@ class Session(AuthExchange, asyncio.Protocol):
 
     # -- the core and its policy callbacks --------------------------------------------
 
-    def _new_core(self, secured: str = "") -> Transaction:
+    def _new_core(self) -> Transaction:
         kind = self.kind
         return Transaction(self.cfg, self._check_recipient, tls=self.certs is not None and kind != LOCAL,
-                           secured=secured, submission=kind in (SUBMISSION, SUBMISSIONS), owner=self._owns,
+                           submission=kind in (SUBMISSION, SUBMISSIONS), owner=self._owns,
                            local_sender=self._local_sender if kind == LOCAL else None)
 
     def _check_recipient(self, address: Address, sender: str) -> object:
@@ -296,11 +296,8 @@ class Session(AuthExchange, asyncio.Protocol):
         """Run ``work`` (a coroutine) while the buffer waits; then read on."""
         self.mode = _BUSY
         self.deadline = float("inf")
-        self._spawn(self._then_resume(work))
-
-    def _spawn(self, coro: object) -> None:
-        maillog.SESSION.set(self.session_id)  # the task's lines, and the queue's tasks it starts
-        self.task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._session_lines()  # the task's lines, and the queue's tasks it starts
+        self.task = asyncio.get_running_loop().create_task(self._then_resume(work))
 
     def _session_lines(self) -> None:
         """This connection's id on the log lines written now (maillog.SESSION)."""
@@ -363,12 +360,9 @@ class Session(AuthExchange, asyncio.Protocol):
         except Exception as exc:  # OSError, ssl.SSLError, the handshake timeout, or a bug
             log.info("TLS handshake failed client=[%s]: %s", self.peer_ip, maillog.printable(repr(exc)))
             raw.close()
-            self.mode = _CLOSED
-            self.transport = None
-            self.mm.release(self)  # asyncio's TLS layer may never tell us: give the slot back here
-            return
-        if tls is None:  # the connection went while the handshake ended
-            self.mode = _CLOSED
+            tls = None
+        if tls is None:  # failed, or the connection went while it ended: asyncio's TLS layer
+            self.mode = _CLOSED  # may never tell us, so the slot is given back here
             self.transport = None
             self.mm.release(self)
             return
@@ -376,7 +370,6 @@ class Session(AuthExchange, asyncio.Protocol):
         self.lines = LineReader()
         self.last_read = time.monotonic()
         self.mm.metrics.tls_started()  # metrics hook (issue 12)
-        return None
 
     async def _implicit_tls(self, raw: asyncio.Transport) -> None:
         """The handshake of a 465 connection (RFC 8314), then the session over it."""
@@ -385,7 +378,7 @@ class Session(AuthExchange, asyncio.Protocol):
             return
         self.core = core = self._new_core()
         core.tls_started(describe(self.transport.get_extra_info("ssl_object")))
-        self._write(wire((core.greeting(IDENT),)))  # then `_then_resume` reads on
+        self._write(self.mm.greeting(core))  # then `_then_resume` reads on
 
     # -- writing, deadlines, the end ---------------------------------------------------------
 
